@@ -1,0 +1,40 @@
+# One entry point per habit. Each target creates the virtualenv (.venv) on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test check fmt migrate down clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## run: find or start PostgreSQL and Redis, migrate, serve the API (Hypercorn) and the worker
+run: $(VENV)/.installed
+	$(PY) -m service.devstack run
+
+## test: the whole test suite against real PostgreSQL and Redis (started if need be)
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## check: lint, format check, types
+check: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+migrate: $(VENV)/.installed
+	$(PY) -m service migrate
+
+## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
+down: $(VENV)/.installed
+	$(PY) -m service.devstack down
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The async rewrite of the Flask service: Quart on Hypercorn, asyncpg, Redis, arq."""

@@ -1,0 +1,88 @@
+"""The application factory: config, extensions, blueprints, error handlers, serving hooks."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import asyncpg
+import redis.asyncio as aioredis
+from quart import Quart, Response, g, request
+from quart_schema import Info, QuartSchema
+
+from . import db
+from .config import Settings, load_settings
+from .errors import APIError, register_error_handlers
+from .health import blueprint as health_blueprint
+from .resources import create_redis
+from .users import blueprint as users_blueprint
+
+log = logging.getLogger(__name__)
+
+_JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    """Build the Quart app. Nothing connects here; the serving hooks open and close resources."""
+    settings = settings or load_settings()
+    app = Quart(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
+    app.extensions["settings"] = settings
+
+    QuartSchema(
+        app,
+        info=Info(title="quart-service", version="0.1.0"),
+        openapi_path="/openapi.json",
+        swagger_ui_path="/docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+    )
+    register_error_handlers(app)
+    app.register_blueprint(health_blueprint)
+    app.register_blueprint(users_blueprint)
+
+    @app.before_serving
+    async def _open_resources() -> None:
+        app.extensions["db_pool"] = await db.create_pool(settings)
+        app.extensions["redis"] = create_redis(settings)
+
+    @app.after_serving
+    async def _close_resources() -> None:
+        redis_client: aioredis.Redis | None = app.extensions.pop("redis", None)
+        if redis_client is not None:
+            await redis_client.aclose()
+        pool: asyncpg.Pool | None = app.extensions.pop("db_pool", None)
+        if pool is not None:
+            await pool.close()
+
+    @app.before_request
+    async def _assign_request_id() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        # Echo a client's id only when it is short and harmless in a header and a log line.
+        if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
+            g.request_id = given
+        else:
+            g.request_id = uuid.uuid4().hex
+
+    @app.before_request
+    async def _check_body() -> None:
+        # Refuse an oversized body from its declared length before reading any of it; a
+        # chunked body is cut off at the same limit by Quart while it is read.
+        length = request.content_length
+        if length is not None and length > settings.max_body_bytes:
+            raise APIError(413, f"The body is over the limit of {settings.max_body_bytes} bytes.")
+        has_body = bool(length) or "chunked" in request.headers.get("Transfer-Encoding", "")
+        if has_body and request.method in _JSON_METHODS and not request.is_json:
+            raise APIError(415, "Send the body as JSON (Content-Type: application/json).")
+
+    @app.after_request
+    async def _add_request_id(response: Response) -> Response:
+        request_id = g.get("request_id")
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    return app

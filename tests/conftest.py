@@ -1,0 +1,123 @@
+"""Fixtures: real PostgreSQL and Redis, each test isolated in its own schema and key prefix."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from quart import Quart
+from quart.typing import TestAppProtocol as TestApp
+from quart.typing import TestClientProtocol as Client
+
+from service.app import create_app
+from service.config import Settings, load_settings
+from service.db import migrate
+from service.devstack import ensure_services
+
+
+@pytest.fixture(scope="session")
+def service_urls() -> dict[str, str]:
+    """DATABASE_URL and REDIS_URL of servers that answer (private ones started if need be)."""
+    urls = ensure_services()
+    os.environ.update(urls)
+    return urls
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """The URL with asyncpg's server setting ``search_path`` pointing at ``schema``."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture
+async def db_schema(service_urls: dict[str, str]) -> AsyncIterator[str]:
+    """A fresh, migrated schema for this test alone; dropped afterwards."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(service_urls["DATABASE_URL"])
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(f'SET search_path TO "{schema}"')
+        await migrate(conn)
+        yield schema
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+async def redis_cleanup(
+    service_urls: dict[str, str], redis_prefix: str
+) -> AsyncIterator[aioredis.Redis]:
+    """A Redis client; every key under this test's prefix is deleted afterwards."""
+    client = aioredis.Redis.from_url(service_urls["REDIS_URL"])
+    try:
+        yield client
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(
+    service_urls: dict[str, str],
+    db_schema: str,
+    redis_prefix: str,
+    redis_cleanup: aioredis.Redis,
+) -> Settings:
+    return load_settings(
+        database_url=with_search_path(service_urls["DATABASE_URL"], db_schema),
+        redis_url=service_urls["REDIS_URL"],
+        redis_prefix=redis_prefix,
+        db_pool_min_size=1,
+        db_pool_max_size=5,
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[TestApp]:
+    """The app with its serving hooks run (pool and Redis open), as Hypercorn would."""
+    quart_app: Quart = create_app(settings)
+    async with quart_app.test_app() as test_app:
+        yield test_app
+
+
+@pytest.fixture
+def client(app: TestApp) -> Client:
+    return app.test_client()
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to this test's schema, for arranging and checking data."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()

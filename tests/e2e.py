@@ -1,0 +1,61 @@
+"""Helpers to run the service as its operators do: Hypercorn with hypercorn.toml, as a process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until_serving(
+    base_url: str, process: subprocess.Popen[bytes], timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before serving")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {base_url} did not answer within {timeout} s")
+
+
+@contextmanager
+def hypercorn(
+    port: int, env: dict[str, str], *extra_args: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Hypercorn serving the app with hypercorn.toml, bound to ``port``; stopped on exit."""
+    command = [
+        sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
+        "--bind", f"127.0.0.1:{port}", *extra_args, "service.app:create_app()",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(base_url, process)
+        yield base_url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
