@@ -182,7 +182,7 @@ def ensure_services(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(extra_hypercorn_args: list[str]) -> int:
-    """Migrate, then run the API under Hypercorn until interrupted."""
+    """Migrate, then run the API under Hypercorn and the arq worker until interrupted."""
     env = {**os.environ, **ensure_services()}
     python = sys.executable
     subprocess.run([python, "-m", "service", "migrate"], env=env, check=True)
@@ -190,8 +190,12 @@ def run(extra_hypercorn_args: list[str]) -> int:
         python, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
         *extra_hypercorn_args, "service.app:create_app()",
     ]  # fmt: skip
-    _say("starting the API under Hypercorn (hypercorn.toml); Ctrl-C stops it")
-    children = [subprocess.Popen(api_cmd, env=env, cwd=ROOT)]
+    worker_cmd = [python, "-m", "workers"]
+    _say("starting the API (Hypercorn, hypercorn.toml) and the arq worker; Ctrl-C stops both")
+    children = [
+        subprocess.Popen(api_cmd, env=env, cwd=ROOT),
+        subprocess.Popen(worker_cmd, env=env, cwd=ROOT),
+    ]
 
     def _forward(signum: int, _frame: object) -> None:
         for child in children:
