@@ -138,7 +138,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         problems = [
-            f"{str(item['loc'][0]).upper()}: {item['msg']}" if item["loc"] else item["msg"]
+            f"{str(item['loc'][0]).upper()}: {item['msg']}"
+            if item["loc"]
+            else item["msg"].removeprefix("Value error, ")
             for item in error.errors()
         ]
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
