@@ -270,7 +270,8 @@ def test_keygen_prints_a_key_whose_entry_parses(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     key = re.search(r"^\s+(qsk_\S+)$", out, re.MULTILINE)
     entry = re.search(r"API_KEYS=(\S+)", out)
-    assert key and entry
+    assert key
+    assert entry
     (parsed,) = parse_api_keys(entry.group(1))
     assert parsed.name == "ci"
     assert parsed.scopes == {"read", "write"}
