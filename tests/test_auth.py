@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from quart import Quart, Response, request
 from quart.typing import TestAppProtocol as ServingApp
+from quart.typing import TestClientProtocol as Client
 
 from service import auth
 from service.app import create_app
@@ -74,6 +75,11 @@ async def prod_app(settings: Settings) -> AsyncIterator[tuple[Quart, ServingApp]
         yield app, test_app
 
 
+async def send(client: Client, path: str, method: str, headers: dict[str, str]) -> Any:
+    # quart.typing's protocol marks `json` required; the client itself defaults it to no body.
+    return await client.open(path, method=method, headers=headers)  # type: ignore[call-arg]
+
+
 def routes(app: Quart) -> list[tuple[str, str, str]]:
     """(method, concrete path, rule) for every route and method of the app."""
     found = []
@@ -93,31 +99,31 @@ async def test_every_route_but_the_health_checks_needs_the_right_key_in_producti
     for method, path, rule in routes(app):
         stop = {"X-Test-Stop": "1"}
         if rule in HEALTH:
-            response = await client.open(path, method=method, headers=stop)
+            response = await send(client, path, method, stop)
             assert response.headers.get("X-Reached") == "yes", (method, path)
             continue
         scope = auth.required_scope(method, path, frozenset(), frozenset(), prod)
         assert scope in {"read", "write", "admin"}, (method, path)
 
-        anonymous = await client.open(path, method=method, headers=stop)
+        anonymous = await send(client, path, method, stop)
         assert anonymous.status_code == 401, (method, path)
         assert anonymous.headers["WWW-Authenticate"].startswith("Bearer"), (method, path)
         if method != "HEAD":
             assert anonymous.content_type == PROBLEM
 
-        wrong = await client.open(
-            path, method=method, headers={**stop, "Authorization": f"Bearer {generate_key()}"}
+        wrong = await send(
+            client, path, method, {**stop, "Authorization": f"Bearer {generate_key()}"}
         )
         assert wrong.status_code == 401, (method, path)
         assert "invalid_token" in wrong.headers["WWW-Authenticate"]
 
-        lacking = await client.open(path, method=method, headers={**stop, **bearer(WITHOUT[scope])})
+        lacking = await send(client, path, method, {**stop, **bearer(WITHOUT[scope])})
         assert lacking.status_code == 403, (method, path, scope)
         if method != "HEAD":
             assert lacking.content_type == PROBLEM
             assert scope in (await lacking.get_json())["detail"]
 
-        right = await client.open(path, method=method, headers={**stop, **bearer(WITH[scope])})
+        right = await send(client, path, method, {**stop, **bearer(WITH[scope])})
         assert right.headers.get("X-Reached") == "yes", (method, path, right.status_code)
         checked.add((method, rule))
     # The walk saw the routes this branch knows of; routes added later are walked the same way.
