@@ -181,14 +181,13 @@ async def test_the_right_key_reaches_the_handler_and_gets_no_store(
     ],
 )
 def test_the_scope_table(
-    settings: Settings,
     method: str,
     path: str,
     args: tuple[str, ...],
     headers: tuple[str, ...],
     scope: str | None,
 ) -> None:
-    prod = production(settings)
+    prod = load_settings(environment="production", api_keys=api_keys())
     assert auth.required_scope(method, path, frozenset(args), frozenset(headers), prod) == scope
 
 
