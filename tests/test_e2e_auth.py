@@ -4,6 +4,7 @@ neither their output nor the app's log ever shows a key, an Authorization header
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -122,11 +123,13 @@ def test_hypercorn_in_production_without_keys_stops_naming_the_variable(
     ]  # fmt: skip
     started = time.monotonic()
     result = subprocess.run(
-        command, cwd=ROOT, env={**__import__("os").environ, **env}, capture_output=True, timeout=60
+        command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, timeout=60
     )
     # Hypercorn 0.18's supervisor exits 0 when its workers fail at start (pgjones/hypercorn#269),
     # so what is asserted is that it stops, and says why.
     assert time.monotonic() - started < 60
-    assert b"API_KEYS" in result.stdout + result.stderr
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"http://127.0.0.1:{free_port()}/healthz", timeout=1)
+    output = result.stdout + result.stderr
+    assert b"API_KEYS" in output
+    # It never served, and the message is the whole story: no traceback to read through.
+    assert b"Running on" not in output
+    assert b"Traceback" not in output
