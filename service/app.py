@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from quart import Quart, Response, g, request
 from quart_schema import Info, QuartSchema
 
-from . import db
+from . import auth, db
 from .config import Settings, load_settings
 from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
@@ -73,6 +73,8 @@ def create_app(settings: Settings | None = None) -> Quart:
             g.request_id = given
         else:
             g.request_id = uuid.uuid4().hex
+
+    auth.install(app, settings)  # keys, scopes, rate limits, CORS: before any other check
 
     @app.before_request
     async def _check_body() -> None:
