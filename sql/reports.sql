@@ -1,4 +1,4 @@
--- name: count_users$
+-- name: count_users()$
 -- Every user; an index-only scan of the primary key once the table is vacuumed.
 SELECT count(*) FROM users;
 
