@@ -280,7 +280,8 @@ def private_redis(port: int) -> Iterator[None]:
                 ).stdout.strip()
                 != b"PONG"
             ):
-                assert process.poll() is None and time.monotonic() < deadline, "no redis-server"
+                assert process.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not answer"
                 time.sleep(0.05)
             yield
         finally:
