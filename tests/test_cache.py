@@ -315,3 +315,58 @@ async def test_the_cache_goes_back_to_redis_by_itself_when_redis_returns(
     finally:
         await cache._redis.aclose()
     assert any("Redis is back" in record.getMessage() for record in caplog.records)
+
+
+@contextlib.asynccontextmanager
+async def slow_proxy(target_port: int, delay: float) -> AsyncIterator[int]:
+    """A TCP proxy to Redis that holds each chunk ``delay`` seconds, both ways."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(4096):
+                await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        for task in (
+            asyncio.create_task(pipe(reader, upstream_writer)),
+            asyncio.create_task(pipe(upstream_reader, writer)),
+        ):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_cancelled_redis_command_never_hands_its_reply_to_the_next_one(
+    service_urls: dict[str, str], redis_prefix: str, redis_cleanup: aioredis.Redis
+) -> None:
+    # The redis-py bug behind CVE-2023-28858/28859 (redis/redis-py#2665): a command cancelled
+    # while its reply is on the way left the connection in the pool with that reply unread, and
+    # the next command got it. The pinned redis-py must drop such a connection instead.
+    await redis_cleanup.set(f"{redis_prefix}a", "value-of-a")
+    await redis_cleanup.set(f"{redis_prefix}b", "value-of-b")
+    redis_port = int(service_urls["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    async with slow_proxy(redis_port, 0.1) as port:
+        pool = aioredis.BlockingConnectionPool(port=port, max_connections=1, timeout=5)
+        client = aioredis.Redis(connection_pool=pool)
+        try:
+            await client.ping()  # connected: the next command reuses this one connection
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.15):  # the GET was sent; its reply is delayed
+                    await client.get(f"{redis_prefix}a")
+            assert await client.get(f"{redis_prefix}b") == b"value-of-b"
+            assert await client.ping() is True
+        finally:
+            await client.aclose()
