@@ -17,6 +17,7 @@ from service.config import Settings
 from service.reports import REPORT_CACHE_KEY, REPORT_VERSION
 from tests.conftest import free_port
 from tests.e2e import hypercorn
+from tests.test_cache import private_redis
 
 PATH = "/expensive-operation"
 
@@ -186,3 +187,68 @@ async def test_the_signups_window_is_read_through_the_created_at_index(
     query = queries.signups_per_day
     plan: Any = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {query.sql}", 30))
     assert "users_created_at_idx" in json.dumps(plan), plan
+
+
+async def test_a_client_that_disconnects_mid_computation_leaves_the_right_value_and_no_lock(
+    settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
+) -> None:
+    await seed_users(db, 100_000)
+    env = {
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+    }
+    value_key = f"{settings.redis_prefix}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}"
+    port = free_port()
+    with hypercorn(port, env) as (base_url, _process):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {PATH} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        await writer.drain()
+        # Hang up while the report is being computed (its lock is held), before any answer.
+        for _ in range(2000):
+            if await redis_cleanup.exists(f"{value_key}:lock", value_key):
+                break
+            await asyncio.sleep(0.005)
+        assert not await redis_cleanup.exists(value_key), "computed before the hang-up"
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(200):
+            if await redis_cleanup.exists(value_key):
+                break
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            after = await http.get(PATH)
+    assert after.headers["cache-status"].startswith("quart-service; hit")
+    assert after.json()["result"]["total_users"] == 100_000
+    assert json.loads(await redis_cleanup.get(value_key)) == after.json()["result"]
+    assert not await redis_cleanup.exists(f"{value_key}:lock")
+    assert await computations(redis_cleanup, settings) == 1
+
+
+async def test_the_route_serves_through_a_redis_restart_and_caches_again_by_itself(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    await seed_users(db, 30)
+    port = free_port()
+    private = settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{port}/0", "cache_retry_interval": 0.1}
+    )
+    app = create_app(private)
+    async with app.test_app() as test_app:
+        http = test_app.test_client()
+        with private_redis(port):
+            assert "stored" in (await http.get(PATH)).headers["Cache-Status"]
+        # Redis stopped: served all the same, computed, and /readyz says degraded.
+        down = await asyncio.gather(*(http.get(PATH) for _ in range(10)))
+        assert {response.status_code for response in down} == {200}
+        assert all("fwd=bypass" in r.headers["Cache-Status"] for r in down)
+        assert (await (await http.get("/readyz")).get_json())["status"] == "degraded"
+        with private_redis(port):
+            for _ in range(100):
+                status = (await http.get(PATH)).headers["Cache-Status"]
+                if "fwd=bypass" not in status:
+                    break
+                await asyncio.sleep(0.05)
+            assert "stored" in status  # the restarted Redis was empty
+            assert "; hit" in (await http.get(PATH)).headers["Cache-Status"]
+            assert (await (await http.get("/readyz")).get_json())["status"] == "ok"
