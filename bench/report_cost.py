@@ -2,12 +2,15 @@
 
     .venv/bin/python -m bench.report_cost --users 100000 1000000
     .venv/bin/python -m bench.report_cost --users 100000 --hits 10    # also load the cached route
+    .venv/bin/python -m bench.report_cost --users 1000000 --stampede 200  # cold burst, 2 processes
 
 For each size it seeds a schema of its own with ``generate_series`` (users over 5,000 e-mail
 domains, created over two years), times the report's SQL (``compute_report``) a few times on one
 connection, and drops the schema. With ``--hits`` it also starts Hypercorn with hypercorn.toml
 against that schema and puts ``wrk`` (or, without it, a bounded httpx loop) on
-``GET /expensive-operation`` once the report is cached. Uses DATABASE_URL / REDIS_URL (default:
+``GET /expensive-operation`` once the report is cached, then on ``/healthz`` (the ceiling). With
+``--stampede N`` it starts two Hypercorn processes and fires N concurrent cold requests at them,
+then reads how many times the report was computed. Uses DATABASE_URL / REDIS_URL (default:
 the local ports); keys go under a prefix of their own, deleted afterwards.
 """
 
@@ -21,13 +24,15 @@ import statistics
 import subprocess
 import time
 import uuid
+from collections import Counter
 
 import asyncpg
 import httpx
+import redis
 import redis.asyncio as aioredis
 
 from service.db import migrate
-from service.reports import compute_report
+from service.reports import REPORT_CACHE_KEY, REPORT_VERSION, compute_report
 from tests.conftest import free_port, with_search_path
 from tests.e2e import hypercorn
 
@@ -57,8 +62,7 @@ async def time_report(conn: asyncpg.Connection, runs: int) -> list[float]:
     return timings
 
 
-def load_hits(base_url: str, seconds: int) -> str:
-    url = f"{base_url}/expensive-operation"
+def load(url: str, seconds: int) -> str:
     if shutil.which("wrk"):
         done = subprocess.run(
             ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", url],
@@ -70,7 +74,7 @@ def load_hits(base_url: str, seconds: int) -> str:
     count, deadline = 0, time.monotonic() + seconds
     with httpx.Client() as http:
         while time.monotonic() < deadline:
-            assert http.get(url).headers["cache-status"].startswith("quart-service; hit")
+            http.get(url).raise_for_status()
             count += 1
     return f"{count / seconds:.0f} requests/s (one client, sequential; wrk not installed)"
 
@@ -82,10 +86,51 @@ def serve_and_load(database_url: str, prefix: str, users: int, seconds: int) -> 
         first = httpx.get(f"{base_url}/expensive-operation", timeout=60)
         took = (time.perf_counter() - started) * 1000
         print(f"{users:>9,} users: first request {took:.0f} ms: {first.headers['cache-status']}")
-        print(load_hits(base_url, seconds))
+        print(
+            f"hits on GET /expensive-operation:\n{load(f'{base_url}/expensive-operation', seconds)}"
+        )
+        print(f"the same server's ceiling, GET /healthz:\n{load(f'{base_url}/healthz', seconds)}")
 
 
-async def measure(users: int, runs: int, hits: int) -> None:
+async def stampede(urls: list[str], requests: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=requests)
+    clients = [httpx.AsyncClient(timeout=120, limits=limits) for _ in urls]
+    try:
+        return await asyncio.gather(
+            *(
+                clients[i % len(urls)].get(f"{urls[i % len(urls)]}/expensive-operation")
+                for i in range(requests)
+            )
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def two_processes_stampede(database_url: str, prefix: str, users: int, requests: int) -> None:
+    """``requests`` concurrent cold requests over two Hypercorn processes (hypercorn.toml)."""
+    env = {"DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix}
+    quiet = ("--access-logfile", "/dev/null")
+    with (
+        hypercorn(free_port(), env, *quiet) as (first, _),
+        hypercorn(free_port(), env, *quiet) as (second, _),
+    ):
+        started = time.perf_counter()
+        responses = asyncio.run(stampede([first, second], requests))
+        took = time.perf_counter() - started
+    kinds = Counter(r.headers["cache-status"].split("; ttl")[0] for r in responses)
+    counter = f"{prefix}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}:loads"
+    with redis.Redis.from_url(REDIS_URL) as client:
+        computed = client.get(counter)
+    errors = sum(r.status_code != 200 for r in responses)
+    print(
+        f"{users:>9,} users: {requests} concurrent cold requests over 2 processes: "
+        f"computed {int(computed or 0)} time(s), {errors} errors, all answered in {took:.2f} s; "
+        f"{dict(kinds)}"
+    )
+
+
+async def measure(users: int, runs: int, hits: int, requests: int) -> None:
     schema = f"bench_report_{uuid.uuid4().hex[:8]}"
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     admin = await asyncpg.connect(DATABASE_URL)
@@ -105,8 +150,10 @@ async def measure(users: int, runs: int, hits: int) -> None:
             f"{users:>9,} users: report uncached, {runs} runs: min {min(timings) * 1000:.0f} ms, "
             f"median {statistics.median(timings) * 1000:.0f} ms, max {max(timings) * 1000:.0f} ms"
         )
+        if requests:
+            await asyncio.to_thread(two_processes_stampede, url, prefix, users, requests)
         if hits:
-            await asyncio.to_thread(serve_and_load, url, prefix, users, hits)
+            await asyncio.to_thread(serve_and_load, url, f"{prefix}hits:", users, hits)
     finally:
         await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.close()
@@ -122,9 +169,12 @@ def main() -> None:
     parser.add_argument("--users", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--hits", type=int, default=0, help="seconds of load on cached hits")
+    parser.add_argument(
+        "--stampede", type=int, default=0, help="this many concurrent cold requests, 2 processes"
+    )
     args = parser.parse_args()
     for users in args.users:
-        asyncio.run(measure(users, args.runs, args.hits))
+        asyncio.run(measure(users, args.runs, args.hits, args.stampede))
 
 
 if __name__ == "__main__":
