@@ -12,6 +12,7 @@ from quart_schema import document_response
 
 from .cache import Cache
 from .db import load_queries
+from .errors import APIError
 from .resources import connection, redis_client, settings
 
 blueprint = Blueprint("reports", __name__)
@@ -83,9 +84,17 @@ async def _close_cache() -> None:
 async def _load_report() -> dict[str, Any]:
     config = settings()
     async with connection() as conn:
-        return await compute_report(
-            conn, top=config.report_top_domains, days=config.report_window_days
-        )
+        try:
+            return await compute_report(
+                conn, top=config.report_top_domains, days=config.report_window_days
+            )
+        except asyncpg.QueryCanceledError as error:
+            # Over DB_STATEMENT_TIMEOUT_MS: the database is overloaded or the table outgrew it.
+            raise APIError(
+                503,
+                "The report could not be computed in time; retry shortly.",
+                headers={"Retry-After": "5"},
+            ) from error
 
 
 @blueprint.get("/expensive-operation")

@@ -252,3 +252,20 @@ async def test_the_route_serves_through_a_redis_restart_and_caches_again_by_itse
             assert "stored" in status  # the restarted Redis was empty
             assert "; hit" in (await http.get(PATH)).headers["Cache-Status"]
             assert (await (await http.get("/readyz")).get_json())["status"] == "ok"
+
+
+async def test_a_report_over_the_statement_timeout_is_a_503_problem_and_nothing_is_cached(
+    settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
+) -> None:
+    await seed_users(db, 100_000)
+    app = create_app(settings.model_copy(update={"db_statement_timeout_ms": 1}))
+    async with app.test_app() as test_app:
+        response = await test_app.test_client().get(PATH)
+        spec = await (await test_app.test_client().get("/openapi.json")).get_json()
+    assert response.status_code == 503
+    assert response.content_type == "application/problem+json"
+    assert response.headers["Retry-After"] == "5"
+    assert not await redis_cleanup.exists(
+        f"{settings.redis_prefix}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}"
+    )
+    assert "ReportResponse" in json.dumps(spec["paths"][PATH])
