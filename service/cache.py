@@ -157,7 +157,7 @@ class Cache:
 
     @property
     def redis_down(self) -> bool:
-        """Whether the last cache command failed and Redis is being skipped for now."""
+        """Whether Redis failed a cache command and has not answered one since."""
         return self._outage_since is not None
 
     async def get_or_load(
@@ -195,7 +195,8 @@ class Cache:
         return done
 
     async def aclose(self) -> None:
-        """Cancel the flights still running (at shutdown); their locks expire by themselves."""
+        """Cancel the flights still running (at shutdown). Nothing half-computed is stored; each
+        releases its lock on the way out, and a lock whose release fails expires by itself."""
         tasks = list(self._flights.values())
         for task in tasks:
             task.cancel()
