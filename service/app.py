@@ -14,6 +14,7 @@ from . import auth, db
 from .config import Settings, load_settings
 from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
+from .reports import blueprint as reports_blueprint
 from .resources import create_redis
 from .taskqueue import TaskQueue
 from .tasks import blueprint as tasks_blueprint
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
     app.register_blueprint(tasks_blueprint)
+    app.register_blueprint(reports_blueprint)
 
     @app.before_serving
     async def _open_resources() -> None:

@@ -42,6 +42,22 @@ class Settings(BaseSettings):
     # tests) can share one Redis.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
 
+    # The cached report of GET /expensive-operation (service/cache.py, service/reports.py).
+    cache_ttl: float = Field(default=600.0, gt=0)
+    # Each stored value lives cache_ttl less up to this fraction of it, at random.
+    cache_ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
+    # The single-flight lock expires after this long even if its owner dies; keep it above the
+    # report's computing time (itself bounded by DB_STATEMENT_TIMEOUT_MS per query).
+    cache_lock_ttl: float = Field(default=30.0, gt=0)
+    # How long a request waits for another process's computation before computing itself.
+    cache_lock_wait: float = Field(default=10.0, gt=0)
+    # Each cache command's bound; after a failure Redis is skipped for cache_retry_interval.
+    cache_redis_timeout: float = Field(default=0.5, gt=0)
+    cache_retry_interval: float = Field(default=5.0, gt=0)
+    cache_outage_log_interval: float = Field(default=60.0, gt=0)
+    report_window_days: int = Field(default=30, ge=1, le=3660)
+    report_top_domains: int = Field(default=10, ge=1, le=1000)
+
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     readiness_timeout: float = Field(default=1.0, gt=0)
 
