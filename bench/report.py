@@ -262,6 +262,11 @@ def render(
             for part, load in outcome.loads.items():
                 flask_load = _load(results, "flask", scenario, part)
                 label = scenario if part == scenario else f"{scenario}:{part}"
+                if not load.requests:
+                    rows.append([label, system, "0", "-", "-", str(load.non_2xx),
+                                 str(load.socket_errors), "-", "-"])  # fmt: skip
+                    notes.append(f"{label}/{system}: no request completed within the run")
+                    continue
                 rows.append([
                     label, system, f"{load.rps:.0f}", f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}",
                     str(load.non_2xx), str(load.socket_errors),
@@ -271,7 +276,7 @@ def render(
             if scenario == "stampede":
                 notes.append(
                     f"stampede/{system}: computations = {_fmt(outcome.computations)}"
-                    f" (counted by {outcome.counted_by or 'nothing'})"
+                    f" [{outcome.counted_by or 'not counted'}]"
                 )
     out = ["", "Load (x flask, x ceiling: requests/s ratios)", *_table(header, rows)]
     if notes:

@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--warmup", type=int, help="seconds of warm-up load (default 3; quick 1)")
     parser.add_argument("--connections", type=int, default=32, help="users load connections")
     parser.add_argument("--heavy-connections", type=int, default=2)
-    parser.add_argument("--heavy-n", type=int, default=10**7, help="n of /heavy-task?n=")
+    parser.add_argument("--heavy-n", type=int, help="n of /heavy-task?n= (10**7; quick 10**6)")
     parser.add_argument("--stampede", type=int, default=200, help="concurrent cold requests")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None) -> Options:
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 3),
         connections=args.connections,
         heavy_connections=args.heavy_connections,
-        heavy_n=args.heavy_n,
+        heavy_n=args.heavy_n or (10**6 if args.quick else 10**7),
         stampede=args.stampede,
         systems=systems,
         scenarios=scenarios,
@@ -225,7 +225,7 @@ def ensure_baseline_venv() -> Path:
     base_python = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r", str(requirements)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-qq", "-r", str(requirements)],
         check=True,
     )
     stamp.write_text(digest)
@@ -263,7 +263,7 @@ def start_service(env: dict[str, str], logs: Path, started: list[Group]) -> Syst
     """The service as the README starts it (``python -m service.devstack run``), plus the
     worker when the run command does not start one itself."""
     port = free_port()
-    command = [sys.executable, "-m", "service.devstack", "run", "--bind", f"{HOST}:{port}"]
+    command = [sys.executable, "-m", "service.devstack", "run", "--", "--bind", f"{HOST}:{port}"]
     api = Group("service", command, env, ROOT, logs / "service.log")
     started.append(api)
     groups = [api]
@@ -419,12 +419,11 @@ def clear_service_cache(redis_url: str) -> None:
         connection.close()
 
 
-def clear_flask_cache(redis_url: str) -> int:
-    """Delete the original's cached result; returns its computation counter so far."""
+def clear_flask_cache(redis_url: str) -> None:
+    """Delete the original's cached result."""
     connection = redis.Redis.from_url(redis_url)
     try:
         connection.delete(FLASK_CACHE_KEY)
-        return int(connection.get(FLASK_COUNTER_KEY) or 0)
     finally:
         connection.close()
 
@@ -504,15 +503,19 @@ def run_scenarios(system: System, ctx: Context, watch: MemoryWatch) -> dict[str,
 def run_report_scenarios(system: System, ctx: Context, outcomes: dict[str, Outcome]) -> None:
     opts = ctx.options
     path = "/expensive-operation"
-    counter: Counter | None = None
-    counted_by = "nothing"
+    # Each counter is calibrated by one cold request (how far it moves for one computation),
+    # then read around the stampede. The first is the one reported; the others cross-check it.
+    counters: list[tuple[str, Counter]] = []
     if system.name == "flask":
-        counted_by = "a Redis INCR in the original's compute (exact)"
+        counters.append(("Redis INCR in the original's compute", flask_counter(ctx.flask_redis)))
+        counters.append(
+            ("scans of users (pgstat)", pgstat_counter(ctx.bench_url, "flask_baseline"))
+        )
     elif opts.svc_counter == "pgstat":
-        counter, counted_by = pgstat_counter(ctx.bench_url, "public"), "scans of users (pgstat)"
+        counters.append(("scans of users (pgstat)", pgstat_counter(ctx.bench_url, "public")))
     elif opts.svc_counter.startswith("metric:"):
         name = opts.svc_counter.split(":", 1)[1]
-        counter, counted_by = metric_counter(system.port, name), f"/metrics {name}"
+        counters.append((f"/metrics {name}", metric_counter(system.port, name)))
 
     def clear() -> None:
         if system.name == "flask":
@@ -520,18 +523,19 @@ def run_report_scenarios(system: System, ctx: Context, outcomes: dict[str, Outco
         else:
             clear_service_cache(ctx.service_redis)
 
-    # One cold request: it warms the cache, tells whether the route exists, and calibrates the
-    # counter (how far it moves for one computation).
+    def read_all() -> list[int | None]:
+        return [read() for _, read in counters]
+
+    # One cold request: it warms the cache, tells whether the route exists, and calibrates.
     clear()
-    before = counter() if counter else None
+    before = read_all()
     status, said = probe(system.port, path)
     if _missing(status) or status is None or status >= 500:
         for name in ("report", "stampede"):
             if name in opts.scenarios:
                 outcomes[name] = Outcome("skipped" if _missing(status) else "failed", said)
         return
-    after = counter() if counter else None
-    per_computation = None if before is None or after is None else after - before
+    per_computation = [_delta(b, a) for b, a in zip(before, read_all(), strict=True)]
 
     if "report" in opts.scenarios:
         _say(f"{system.name}: report warm, {opts.connections} connections, {opts.duration} s")
@@ -543,26 +547,35 @@ def run_report_scenarios(system: System, ctx: Context, outcomes: dict[str, Outco
     if "stampede" in opts.scenarios:
         _say(f"{system.name}: stampede, {opts.stampede} concurrent cold requests")
         clear()
-        flask_before = read_flask_counter(ctx.flask_redis) if system.name == "flask" else 0
-        before = counter() if counter else None
+        before = read_all()
         latencies, statuses, failures, wall = asyncio.run(
             client.stampede(HOST, system.port, path, opts.stampede)
         )
+        moved = [_delta(b, a) for b, a in zip(before, read_all(), strict=True)]
         outcome = Outcome(
             "ok", loads={"stampede": load_from_samples(latencies, statuses, failures, wall)}
         )
-        if system.name == "flask":
-            outcome.computations = read_flask_counter(ctx.flask_redis) - flask_before
-        elif counter is not None and before is not None and per_computation:
-            after = counter()
-            if after is not None:
-                outcome.computations = round((after - before) / per_computation)
-                counted_by += f": {after - before} scans, {per_computation} per computation"
-        elif counter is not None:
-            counted_by += ": n/a (one cold request moved the counter by "
-            counted_by += f"{per_computation})"
-        outcome.counted_by = counted_by
+        said_parts = []
+        for i, ((label, _), per, delta) in enumerate(
+            zip(counters, per_computation, moved, strict=True)
+        ):
+            count = round(delta / per) if per and delta is not None else None
+            if i == 0:
+                outcome.computations = count
+            said_parts.append(
+                f"{label}: {'n/a' if count is None else count} "
+                f"(moved {delta} in the stampede, {per} for one cold request)"
+            )
+        outcome.counted_by = "; ".join(said_parts) or "nothing (--svc-counter none)"
         outcomes["stampede"] = outcome
+
+
+def _delta(before: int | None, after: int | None) -> int | None:
+    return None if before is None or after is None else after - before
+
+
+def flask_counter(redis_url: str) -> Counter:
+    return lambda: read_flask_counter(redis_url)
 
 
 # --- machine ------------------------------------------------------------------------------
@@ -725,19 +738,28 @@ def run_system(
         "REDIS_PREFIX": SERVICE_REDIS_PREFIX,
     }
     _say(f"starting {name}")
-    if name == "service":
-        system = start_service(env, logs, started)
-    elif name == "flask":
-        assert venv is not None
-        flask_env = {
-            **os.environ,
-            "DATABASE_URL": ctx.bench_url,
-            "REDIS_URL": ctx.flask_redis,
-            "CELERY_BROKER_URL": ctx.flask_redis.rsplit("/", 1)[0] + "/2",
-        }
-        system = start_flask(venv, flask_env, logs, started)
-    else:
-        system = start_ceiling(env, logs, started)
+    already = len(started)
+    try:
+        if name == "service":
+            system = start_service(env, logs, started)
+        elif name == "flask":
+            assert venv is not None
+            flask_env = {
+                **os.environ,
+                "DATABASE_URL": ctx.bench_url,
+                "REDIS_URL": ctx.flask_redis,
+                "CELERY_BROKER_URL": ctx.flask_redis.rsplit("/", 1)[0] + "/2",
+            }
+            system = start_flask(venv, flask_env, logs, started)
+        else:
+            system = start_ceiling(env, logs, started)
+    except RuntimeError as error:
+        _say(f"{name} did not start: {error}")
+        for group in reversed(started[already:]):
+            group.stop()
+        del started[already:]
+        failed = Outcome("failed", f"did not start: {str(error).splitlines()[0]}")
+        return {scenario: failed for scenario in ctx.options.scenarios}, [], []
     try:
         with MemoryWatch(system.groups) as watch:
             try:
@@ -746,6 +768,12 @@ def run_system(
                 _say(f"{name}: the run failed: {error}")
                 outcomes = {"users": Outcome("failed", str(error))}
             watch.mark("end")
+        for group in system.groups:
+            if not group.alive():
+                system.notes.append(
+                    f"{group.name} exited with {group.process.returncode} during the run; "
+                    f"see {group.log.relative_to(ROOT)}"
+                )
         return outcomes, watch.report(), system.notes
     finally:
         for group in system.groups:
