@@ -431,7 +431,9 @@ def clear_flask_cache(redis_url: str) -> None:
 def read_flask_counter(redis_url: str) -> int:
     connection = redis.Redis.from_url(redis_url)
     try:
-        return int(connection.get(FLASK_COUNTER_KEY) or 0)
+        # The sync client's get() is typed for both clients; here it returns bytes or None.
+        raw: Any = connection.get(FLASK_COUNTER_KEY)
+        return int(raw or 0)
     finally:
         connection.close()
 
