@@ -449,9 +449,11 @@ class Context:
     flask_redis: str
 
 
-def run_scenarios(system: System, ctx: Context, watch: MemoryWatch) -> dict[str, Outcome]:
+def run_scenarios(
+    system: System, ctx: Context, watch: MemoryWatch, outcomes: dict[str, Outcome]
+) -> None:
+    """Run each chosen scenario against ``system``, filling ``outcomes`` as each one ends."""
     opts = ctx.options
-    outcomes: dict[str, Outcome] = {}
     users = wrk_command(system.port, "users", opts.connections, opts.duration, opts.users)
 
     if opts.warmup:
@@ -468,7 +470,7 @@ def run_scenarios(system: System, ctx: Context, watch: MemoryWatch) -> dict[str,
             outcomes["users"] = Outcome("ok", loads={"users": run_wrk(users)})
 
     if system.name == "ceiling":
-        return outcomes  # it answers every path alike: its users run is the ceiling of all
+        return  # it answers every path alike: its users run is the ceiling of all
 
     heavy_path = f"/heavy-task?n={opts.heavy_n}"
     if "mixed" in opts.scenarios:
@@ -499,7 +501,6 @@ def run_scenarios(system: System, ctx: Context, watch: MemoryWatch) -> dict[str,
 
     if "report" in opts.scenarios or "stampede" in opts.scenarios:
         run_report_scenarios(system, ctx, outcomes)
-    return outcomes
 
 
 def run_report_scenarios(system: System, ctx: Context, outcomes: dict[str, Outcome]) -> None:
@@ -651,14 +652,19 @@ def stopping(started: list[Group]) -> Iterator[None]:
     def _terminate(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Our own SIGINT handler too: asyncio.run() replaces only the default one, and its own
+    # loses a Ctrl-C that arrives while a short request is ending.
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for group in reversed(started):
             group.stop()
         started.clear()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -764,11 +770,15 @@ def run_system(
         return {scenario: failed for scenario in ctx.options.scenarios}, [], []
     try:
         with MemoryWatch(system.groups) as watch:
+            outcomes: dict[str, Outcome] = {}
             try:
-                outcomes = run_scenarios(system, ctx, watch)
-            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
+                run_scenarios(system, ctx, watch, outcomes)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as error:
+                # Keep what was measured; the scenarios not reached carry the reason.
                 _say(f"{name}: the run failed: {error}")
-                outcomes = {"users": Outcome("failed", str(error))}
+                for scenario in ctx.options.scenarios:
+                    if scenario not in outcomes and not (name == "ceiling" and scenario != "users"):
+                        outcomes[scenario] = Outcome("failed", str(error).splitlines()[0])
             watch.mark("end")
         for group in system.groups:
             if not group.alive():
