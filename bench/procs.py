@@ -117,10 +117,12 @@ def role(pid: int, parents: dict[int, int], group_leader: int) -> str:
     """A short name for a process: what it runs, and for spawned children, whose child it is."""
     argv = _cmdline(pid)
     text = " ".join(argv)
+    if "resource_tracker" in text:
+        return "multiprocessing resource tracker"
     if "multiprocessing" in text or "loky" in text:
         parent = parents.get(pid)
         owner = role(parent, parents, group_leader) if parent else "?"
-        return f"child of {owner}"
+        return f"worker of {owner}"
     if "service.devstack" in text:
         return "devstack"
     if "-m workers" in text or text.endswith(" workers"):

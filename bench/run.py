@@ -269,8 +269,14 @@ def start_service(env: dict[str, str], logs: Path, started: list[Group]) -> Syst
     groups = [api]
     notes: list[str] = []
     wait_serving(port, "/healthz", groups)
-    roles = " ".join(" ".join(_cmdline_of(pid)) for pid in api.pids())
-    if "-m workers" in roles:
+    # The run command may start the worker beside the API: give it a moment to appear.
+    deadline = time.monotonic() + 3
+    while True:
+        running = " ".join(" ".join(_cmdline_of(pid)) for pid in api.pids())
+        if "-m workers" in running or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if "-m workers" in running:
         notes.append("worker started by the run command")
     elif (ROOT / "workers" / "__main__.py").exists():
         worker = Group("worker", [sys.executable, "-m", "workers"], env, ROOT,
