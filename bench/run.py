@@ -676,6 +676,12 @@ def stopping(started: list[Group]) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     check_tools()
+    load_before = os.getloadavg()[0]
+    if load_before > (os.cpu_count() or 1) * 0.5:
+        _say(
+            f"warning: load average {load_before:.1f} on {os.cpu_count()} cores before the "
+            "run: other work competes for the CPU, so the figures will be noisy"
+        )
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logs = BENCH / ".logs" / stamp
     server_url, bench_url = database_urls()
@@ -711,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     machine = machine_info(bench_url, venv)
+    # Other work on the machine skews every figure: keep how busy it was with the results.
+    machine["load_average_before"] = round(load_before, 2)
+    machine["load_average_after"] = round(os.getloadavg()[0], 2)
     targets = evaluate_targets(results, memory)
     print(render(results, memory, targets, machine))
     for name, said in notes.items():
