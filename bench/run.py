@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiosql
 import asyncpg
@@ -161,13 +161,16 @@ def check_tools() -> None:
 
 
 def database_urls() -> tuple[str, str]:
-    """(the server's URL as given, the URL of its ``bench`` database)."""
+    """(the server's URL as given or found, the URL of its ``bench`` database)."""
     from service.devstack import ensure_services
 
-    given = ensure_services()["DATABASE_URL"]
+    # The benchmark runs its own Redis: only PostgreSQL is looked for (or started) here.
+    given = ensure_services({**os.environ, "REDIS_URL": "redis://unused"})["DATABASE_URL"]
     parts = urlsplit(given)
-    # Any search_path of the caller is dropped: the bench database has its own layout.
-    return given, urlunsplit(parts._replace(path=f"/{BENCH_DATABASE}", query=""))
+    # A search_path of the caller is dropped (the bench database has its own layout); other
+    # settings, such as sslmode, are kept.
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"])
+    return given, urlunsplit(parts._replace(path=f"/{BENCH_DATABASE}", query=query))
 
 
 def prepare_database(server_url: str, bench_url: str, users: int) -> None:
