@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        return run(args.hypercorn_args)
+        # `run -- --bind 127.0.0.1:9000`: options for Hypercorn follow a "--" (the benchmark's use).
+        extra = args.hypercorn_args
+        return run(extra[1:] if extra[:1] == ["--"] else extra)
     if args.command == "env":
         for name, value in ensure_services().items():
             print(f"{name}={value}")
