@@ -14,6 +14,7 @@ from . import db
 from .config import Settings, load_settings
 from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
+from .observe import init_app as init_observability
 from .resources import create_redis
 from .taskqueue import TaskQueue
 from .tasks import blueprint as tasks_blueprint
@@ -93,4 +94,5 @@ def create_app(settings: Settings | None = None) -> Quart:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
+    init_observability(app)  # metrics, request logs, blocking detection, profiling
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +58,18 @@ class Settings(BaseSettings):
     worker_health_interval: int = Field(default=5, ge=1)
     # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
     worker_shutdown_grace: int = Field(default=30, ge=0)
+
+    # Observability (issue 7): blocking detection, slow queries, profiling, worker metrics.
+    # The event loop held longer than this (seconds) logs a warning with the blocking stack.
+    loop_block_threshold: float = Field(default=0.1, gt=0, le=60)
+    # Queries slower than this (seconds) are logged (name, duration, parameter count).
+    slow_query_threshold: float = Field(default=0.1, ge=0)
+    # Unset: profiling is off. Set: a request with `X-Profile-Token: <token>` gets its
+    # pyinstrument profile (HTML) instead of its body.
+    profiling_token: SecretStr | None = Field(default=None, min_length=16)
+    # The arq worker serves its Prometheus metrics here; 0 serves none.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
 
     @field_validator("database_url")
     @classmethod

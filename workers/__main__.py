@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 import redis.asyncio as aioredis
 
 from service.config import ConfigError, Settings, load_settings
+from service.logs import configure_logging
 
 from . import queue
 
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .settings import worker_options
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()  # JSON lines, as the API's
     try:
         import uvloop
 
