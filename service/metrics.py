@@ -89,6 +89,12 @@ REQUEST_DURATION = Histogram(
 PROCESSES = Gauge(
     "service_processes", "API processes alive (Hypercorn workers).", multiprocess_mode="livesum"
 )
+SERVER = Gauge(
+    "service_server_info",
+    "1 for each live process, labelled by the server running it and its event loop.",
+    ["server", "loop"],
+    multiprocess_mode="livemax",
+)
 CPUS = Gauge("service_cpus", "CPUs this process may run on (affinity).", multiprocess_mode="max")
 
 # -- PostgreSQL -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import logging
 import os
+import sys
 import time
 
 import asyncpg
@@ -36,6 +37,14 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _server_name() -> str:
+    # Which ASGI server imported us; the doctor fails a deployment not served by Hypercorn.
+    for name in ("hypercorn", "uvicorn", "daphne", "granian"):
+        if name in sys.modules:
+            return name
+    return "unknown"
 
 
 def _update_pool_gauges(app: Quart) -> None:
@@ -98,6 +107,8 @@ def init_app(app: Quart) -> None:
     async def _start_watching() -> None:
         metrics.PROCESSES.set(1)
         metrics.CPUS.set(_cpus())
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        metrics.SERVER.labels(_server_name(), loop).set(1)
         await watch.start()
         app.extensions["observe_pool_sampler"] = asyncio.get_running_loop().create_task(
             _sample_pool(app)
