@@ -1,0 +1,121 @@
+"""``python -m service doctor`` against a running deployment (Hypercorn with hypercorn.toml, an
+arq worker, PostgreSQL, Redis): it passes a healthy one, and flags each cause when a test
+introduces it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import asyncpg
+import httpx
+
+from service.config import Settings
+from tests.conftest import free_port
+from tests.e2e import ROOT, hypercorn
+from tests.workers import settings_env, worker
+
+Rows = dict[str, tuple[str, str]]
+
+
+@contextmanager
+def deployment(
+    settings: Settings,
+    *,
+    with_worker: bool = True,
+    app: str = "service.app:create_app()",
+    **overrides: object,
+) -> Iterator[str]:
+    """Hypercorn (and a worker) serving this test's schema and Redis prefix; yields the URL."""
+    with ExitStack() as stack:
+        if with_worker:
+            stack.enter_context(worker(settings))
+        base_url, _ = stack.enter_context(
+            hypercorn(free_port(), settings_env(settings, **overrides), app=app)
+        )
+        yield base_url
+
+
+def doctor(settings: Settings, base_url: str, **env: str) -> tuple[int, Rows]:
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "doctor", "--url", base_url],
+        cwd=ROOT,
+        env={**os.environ, **settings_env(settings), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows: Rows = {}
+    for line in done.stdout.splitlines()[2:]:
+        name, status, reason = re.split(r"\s{2,}", line.strip(), maxsplit=2)
+        rows[name] = (status, reason)
+    assert rows, done.stdout + done.stderr
+    return done.returncode, rows
+
+
+def failing(rows: Rows) -> set[str]:
+    return {name for name, (status, _) in rows.items() if status == "FAIL"}
+
+
+def test_doctor_passes_a_healthy_deployment(settings: Settings) -> None:
+    with deployment(settings) as base_url:
+        code, rows = doctor(settings, base_url)
+    assert code == 0, rows
+    assert set(rows) == {"server", "event loop", "indexes", "connections", "redis", "worker"}
+    assert failing(rows) == set()
+    assert "Hypercorn, 2 worker(s)" in rows["server"][1]
+    assert "worker alive" in rows["worker"][1]
+
+
+async def test_doctor_flags_a_dropped_index(settings: Settings, db: asyncpg.Connection) -> None:
+    with deployment(settings) as base_url:
+        code, rows = doctor(settings, base_url)
+        assert (code, rows["indexes"][0]) == (0, "PASS")
+        await db.execute("DROP INDEX users_email_lower_key")
+        code, rows = doctor(settings, base_url)
+    assert code == 1
+    assert failing(rows) == {"indexes"}
+    assert "find_users_by_email (scans users" in rows["indexes"][1]
+
+
+def test_doctor_flags_a_blocking_route(settings: Settings) -> None:
+    with deployment(settings, app="tests.blocking_app:create_app()") as base_url:
+        code, rows = doctor(settings, base_url)
+        assert (code, rows["event loop"][0]) == (0, "PASS")
+        assert httpx.get(f"{base_url}/block", timeout=10).status_code == 200
+        code, rows = doctor(settings, base_url)
+    assert code == 1
+    assert failing(rows) == {"event loop"}
+    assert "blocked 1 time(s)" in rows["event loop"][1]
+
+
+def test_doctor_flags_an_oversized_pool(settings: Settings) -> None:
+    # Two workers x 60 connections: more than the 97 a default PostgreSQL lets clients open.
+    # The pools open one connection each now; the doctor reads what they may grow to.
+    with deployment(settings, db_pool_min_size=1, db_pool_max_size=60) as base_url:
+        code, rows = doctor(settings, base_url)
+    assert code == 1
+    assert failing(rows) == {"connections"}
+    assert rows["connections"][1].startswith("pools oversized: 2 worker(s) x pool max 60 = 120")
+
+
+def test_doctor_flags_redis_down(settings: Settings) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with deployment(settings) as base_url:
+        code, rows = doctor(settings, base_url, REDIS_URL=dead)
+    assert code == 1
+    assert "redis" in failing(rows)
+    assert rows["redis"][1].startswith("Redis at REDIS_URL does not answer")
+    assert failing(rows) <= {"redis", "worker"}  # the queue lives in Redis too
+
+
+def test_doctor_flags_no_worker(settings: Settings) -> None:
+    with deployment(settings, with_worker=False) as base_url:
+        code, rows = doctor(settings, base_url)
+    assert code == 1
+    assert failing(rows) == {"worker"}
+    assert rows["worker"][1].startswith("no live worker on")
