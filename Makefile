@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean
+.PHONY: run test check fmt migrate down clean doctor
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ migrate: $(VENV)/.installed
 ## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
 down: $(VENV)/.installed
 	$(PY) -m service.devstack down
+
+## doctor: check the running service (DOCTOR_ARGS='--url http://host:port') against the five causes
+doctor: $(VENV)/.installed
+	$(PY) -m service doctor $(DOCTOR_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
