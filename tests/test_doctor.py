@@ -28,21 +28,22 @@ def deployment(
     *,
     with_worker: bool = True,
     app: str = "service.app:create_app()",
+    worker_metrics_port: int = 0,
     **overrides: object,
 ) -> Iterator[str]:
     """Hypercorn (and a worker) serving this test's schema and Redis prefix; yields the URL."""
     with ExitStack() as stack:
         if with_worker:
-            stack.enter_context(worker(settings))
+            stack.enter_context(worker(settings, worker_metrics_port=worker_metrics_port))
         base_url, _ = stack.enter_context(
             hypercorn(free_port(), settings_env(settings, **overrides), app=app)
         )
         yield base_url
 
 
-def doctor(settings: Settings, base_url: str, **env: str) -> tuple[int, Rows]:
+def doctor(settings: Settings, base_url: str, *args: str, **env: str) -> tuple[int, Rows]:
     done = subprocess.run(
-        [sys.executable, "-m", "service", "doctor", "--url", base_url],
+        [sys.executable, "-m", "service", "doctor", "--url", base_url, *args],
         cwd=ROOT,
         env={**os.environ, **settings_env(settings), **env},
         capture_output=True,
@@ -62,10 +63,14 @@ def failing(rows: Rows) -> set[str]:
 
 
 def test_doctor_passes_a_healthy_deployment(settings: Settings) -> None:
-    with deployment(settings) as base_url:
-        code, rows = doctor(settings, base_url)
+    metrics_port = free_port()
+    with deployment(settings, worker_metrics_port=metrics_port) as base_url:
+        worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        code, rows = doctor(settings, base_url, "--worker-metrics-url", worker_metrics)
     assert code == 0, rows
-    assert set(rows) == {"server", "event loop", "indexes", "connections", "redis", "worker"}
+    assert set(rows) == {
+        "server", "event loop", "event loop (worker)", "indexes", "connections", "redis", "worker"
+    }  # fmt: skip
     assert failing(rows) == set()
     assert "Hypercorn, 2 worker(s)" in rows["server"][1]
     assert "worker alive" in rows["worker"][1]
