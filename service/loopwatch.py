@@ -7,11 +7,12 @@ thread is stuck, reads that thread's current stack with ``sys._current_frames()`
 warning naming the activity (the route of the request, or the job) and the stack. The
 counter and the last-blocked timestamp it sets are what ``doctor`` reads.
 
-Why not a library: asyncio's debug mode (``loop.slow_callback_duration``) and aiodebug report a
-slow callback only after it returned, without the stack of where it was stuck, and debug mode
-slows every call; uvloop ignores ``slow_callback_duration``. Sampling from another thread
-names the blocking line while it still blocks, costs one timer per interval, and works on
-uvloop.
+Why not a library: asyncio's debug mode (``loop.slow_callback_duration``, which uvloop honours
+in debug mode too) and aiodebug's slow-callback logger report a slow callback only after it
+returned, naming the callback (a ``Task.__step``) rather than the line it was stuck on, and
+debug mode slows every call, so it is not for production. aiodebug's hang inspection dumps
+all stacks to files; here one warning names the route and the blocking stack. Sampling from
+another thread costs one timer per interval and works on uvloop and asyncio alike.
 """
 
 from __future__ import annotations
