@@ -7,12 +7,14 @@ thread is stuck, reads that thread's current stack with ``sys._current_frames()`
 warning naming the activity (the route of the request, or the job) and the stack. The
 counter and the last-blocked timestamp it sets are what ``doctor`` reads.
 
-Why not a library: asyncio's debug mode (``loop.slow_callback_duration``, which uvloop honours
-in debug mode too) and aiodebug's slow-callback logger report a slow callback only after it
-returned, naming the callback (a ``Task.__step``) rather than the line it was stuck on, and
-debug mode slows every call, so it is not for production. aiodebug's hang inspection dumps
-all stacks to files; here one warning names the route and the blocking stack. Sampling from
-another thread costs one timer per interval and works on uvloop and asyncio alike.
+Why not a library: asyncio's debug mode (``loop.slow_callback_duration``, honoured by uvloop in
+debug mode too) reports a slow callback only after it returned, naming the callback (a task
+step) rather than the line it was stuck on, and debug mode slows every call. aiodebug is meant
+for production, but its slow-callback logger patches asyncio's ``Handle._run``, which uvloop's
+own (Cython) handles never call, and also reports after the fact; its lag monitor sends to
+StatsD; its hang inspection writes every thread's stack to files. Here one warning names the
+route and the blocking stack while it blocks, with the metrics beside it, on uvloop and asyncio
+alike, for one timer per interval and one sleeping thread.
 """
 
 from __future__ import annotations
