@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,18 @@ def _parent_start_time(pid: int) -> str:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat.rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        return "0"
+        return "gone"
+
+
+def _remove_stale_dirs(base: Path) -> None:
+    """Folders of earlier runs whose Hypercorn master has exited (their values are history)."""
+    for folder in base.glob("quart-service-metrics-*-*"):
+        _, _, rest = folder.name.partition("quart-service-metrics-")
+        pid_text, _, started = rest.partition("-")
+        if not pid_text.isdigit():
+            continue
+        if _parent_start_time(int(pid_text)) != started:  # exited, or the pid was reused
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _choose_multiprocess_dir() -> str | None:
@@ -39,9 +51,9 @@ def _choose_multiprocess_dir() -> str | None:
     if multiprocessing.parent_process() is None:
         return None
     parent = os.getppid()
-    folder = Path(tempfile.gettempdir()) / (
-        f"quart-service-metrics-{parent}-{_parent_start_time(parent)}"
-    )
+    base = Path(tempfile.gettempdir())
+    _remove_stale_dirs(base)
+    folder = base / f"quart-service-metrics-{parent}-{_parent_start_time(parent)}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return str(folder)
