@@ -144,6 +144,8 @@ def init_app(app: Quart) -> None:
     @app.after_request
     async def _finish(response: Response) -> Response:
         clear_activity()
+        # Set here too: a request refused by an earlier before_request hook never reached _begin.
+        request_id_var.set(g.get("request_id"))
         started: float | None = g.get("observe_start")
         duration = time.perf_counter() - started if started is not None else 0.0
         method = request.method if request.method in _METHODS else "OTHER"

@@ -208,3 +208,18 @@ async def test_the_request_id_is_on_every_log_line_of_the_request(
     assert request_lines[0].status == 404  # type: ignore[attr-defined]
     assert any(r.name == "service.slow_query" for r in lines)
     assert {r.request_id for r in lines} == {"trace-me-9"}  # type: ignore[attr-defined]
+
+
+async def test_a_request_refused_before_its_handler_is_still_logged_with_its_id(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="service.request")
+    caplog.handler.addFilter(RequestIdFilter())
+    response = await client.post(
+        "/users",
+        data="x" * (70 * 1024),
+        headers={"Content-Type": "application/json", "X-Request-ID": "too-big-1"},
+    )
+    assert response.status_code == 413
+    (line,) = [r for r in caplog.records if r.name == "service.request"]
+    assert (line.status, line.route, line.request_id) == (413, "/users", "too-big-1")  # type: ignore[attr-defined]
