@@ -215,10 +215,15 @@ async def test_a_request_refused_before_its_handler_is_still_logged_with_its_id(
 ) -> None:
     caplog.set_level(logging.INFO, logger="service.request")
     caplog.handler.addFilter(RequestIdFilter())
+    body = "x" * (70 * 1024)
     response = await client.post(
         "/users",
-        data="x" * (70 * 1024),
-        headers={"Content-Type": "application/json", "X-Request-ID": "too-big-1"},
+        data=body,
+        headers={
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),  # refused from its declared length, before reading
+            "X-Request-ID": "too-big-1",
+        },
     )
     assert response.status_code == 413
     (line,) = [r for r in caplog.records if r.name == "service.request"]
