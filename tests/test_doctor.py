@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -15,8 +16,10 @@ import asyncpg
 import httpx
 
 from service.config import Settings
+from service.doctor import parse_metrics
 from tests.conftest import free_port
 from tests.e2e import ROOT, hypercorn
+from tests.test_observe import value
 from tests.workers import settings_env, worker
 
 Rows = dict[str, tuple[str, str]]
@@ -38,7 +41,18 @@ def deployment(
         base_url, _ = stack.enter_context(
             hypercorn(free_port(), settings_env(settings, **overrides), app=app)
         )
+        wait_for_all_workers(base_url)
         yield base_url
+
+
+def wait_for_all_workers(base_url: str, workers: int = 2) -> None:
+    """Hypercorn answers once one worker serves; wait until every worker has started."""
+    for _ in range(200):
+        samples = parse_metrics(httpx.get(f"{base_url}/metrics", timeout=5).text)
+        if value(samples, "service_processes") >= workers:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"fewer than {workers} Hypercorn workers started")
 
 
 def doctor(settings: Settings, base_url: str, *args: str, **env: str) -> tuple[int, Rows]:
