@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench
+.PHONY: run test check fmt migrate down clean bench doctor
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ down: $(VENV)/.installed
 ## BENCH_ARGS='--quick' for a smoke run
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
+## doctor: check the running service (DOCTOR_ARGS='--url http://host:port') against the five causes
+doctor: $(VENV)/.installed
+	$(PY) -m service doctor $(DOCTOR_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

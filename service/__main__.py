@@ -1,4 +1,4 @@
-"""Operator commands: ``python -m service migrate``, ``python -m service keygen``."""
+"""Operator commands: ``python -m service migrate``, ``keygen``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument(
         "--scopes", default="read", help=f"comma-separated, of {', '.join(SCOPES)} (default: read)"
     )
+    doctor = commands.add_parser(
+        "doctor", help="check a running deployment against the five causes of slow requests"
+    )
+    doctor.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    doctor.add_argument(
+        "--window", type=float, default=300, help="seconds back a blocked loop counts"
+    )
+    doctor.add_argument("--worker-metrics-url", help="the worker's metrics (WORKER_METRICS_PORT)")
     args = parser.parse_args(argv)
     if args.command == "keygen":
         return _keygen(args.name, args.scopes)
@@ -34,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         applied = asyncio.run(migrate_database(settings))
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+    if args.command == "doctor":
+        from .doctor import diagnose, render_table, worst
+
+        checks = asyncio.run(
+            diagnose(
+                settings, args.url, window=args.window, worker_metrics_url=args.worker_metrics_url
+            )
+        )
+        print(render_table(checks))
+        return 1 if worst(checks) == "fail" else 0
     return 0
 
 

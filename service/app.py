@@ -14,6 +14,8 @@ from . import auth, db
 from .config import Settings, load_settings
 from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
+from .logs import configure_logging
+from .observe import init_app as init_observability
 from .reports import blueprint as reports_blueprint
 from .resources import create_redis
 from .taskqueue import TaskQueue
@@ -28,6 +30,10 @@ _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 
 def create_app(settings: Settings | None = None) -> Quart:
     """Build the Quart app. Nothing connects here; the serving hooks open and close resources."""
+    if not logging.getLogger().handlers:
+        # Hypercorn applies hypercorn.toml's logging only once the app is loaded and started;
+        # until then lines logged here would come out bare, not as JSON.
+        configure_logging()
     settings = settings or load_settings()
     app = Quart(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -97,4 +103,5 @@ def create_app(settings: Settings | None = None) -> Quart:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
+    init_observability(app)  # metrics, request logs, blocking detection, profiling
     return app

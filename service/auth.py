@@ -28,9 +28,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 # Paths at or under these need the admin scope, whatever the method.
 ADMIN_PATH_PREFIXES = ("/metrics", "/debug", "/profile", "/profiling", "/admin")
-# Opt-in profiling of a single request (`?profile=1` or an `X-Profile` header) is admin work.
-ADMIN_QUERY_ARGS = frozenset({"profile"})
-ADMIN_HEADERS = frozenset({"x-profile"})
+# Opt-in profiling (`X-Profile-Token`, service/observe.py) changes no scope here: a request
+# with a wrong token, or from a key without admin, is served as usual, so nothing reveals that
+# profiling exists; observe profiles only an admin key's request that carries the token.
 METHOD_SCOPES: Mapping[str, str] = {
     "GET": "read",
     "HEAD": "read",
@@ -69,8 +69,6 @@ def required_scope(
         return None if settings.docs_public else "admin"
     if any(_at_or_under(path, prefix) for prefix in ADMIN_PATH_PREFIXES):
         return "admin"
-    if query_args & ADMIN_QUERY_ARGS or header_names & ADMIN_HEADERS:
-        return "admin"
     if (
         method == "OPTIONS"
         and settings.cors_allow_origins
@@ -107,12 +105,17 @@ def install(app: Quart, settings: Settings) -> None:
     enforced = bool(keys)
     limiter = RateLimiter(settings) if settings.rate_limited else None
     if not enforced:
-        log.warning(
-            "!!! NO API KEYS CONFIGURED: every route is OPEN to anyone who can reach this "
-            "service (ENVIRONMENT=%s). Set API_KEYS (`python -m service keygen`) before "
-            "exposing it; ENVIRONMENT=production refuses to start without them. !!!",
-            settings.environment,
-        )
+
+        @app.before_serving
+        async def _warn_open() -> None:
+            # At serving time, not in create_app: Hypercorn configures logging (JSON lines)
+            # after it has loaded the app, and this line should look like every other.
+            log.warning(
+                "!!! NO API KEYS CONFIGURED: every route is OPEN to anyone who can reach this "
+                "service (ENVIRONMENT=%s). Set API_KEYS (`python -m service keygen`) before "
+                "exposing it; ENVIRONMENT=production refuses to start without them. !!!",
+                settings.environment,
+            )
 
     @app.before_request
     async def _guard() -> None:
@@ -130,6 +133,7 @@ def install(app: Quart, settings: Settings) -> None:
             return
         key = find_key(request.headers.get("Authorization"), keys)
         g.api_key_name = key.name if key else None
+        g.api_key_admin = not enforced or (key is not None and "admin" in key.scopes)
         redis_client = current_app.extensions.get("redis")
         if limiter is not None and redis_client is not None:
             # Counted before the key is judged, so a flood of bad keys is limited too.

@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .config import Settings
+from .metrics import CACHE_HITS, CACHE_MISSES, REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class Cache:
         # Shielded: cancelling this caller (a client gone) leaves the flight running for others
         # and lets it finish storing the value and releasing its lock.
         outcome = await asyncio.shield(task)
+        (CACHE_HITS if outcome.hit else CACHE_MISSES).inc()
         if joined and not outcome.hit:
             return replace(outcome, collapsed=True, stored=False)
         return outcome
@@ -279,6 +281,7 @@ class Cache:
             async with asyncio.timeout(self.op_timeout):
                 result = await command
         except (RedisError, OSError, TimeoutError) as error:
+            REDIS_ERRORS.inc()
             self._note_outage(error)
             raise _RedisUnavailable from error
         self._note_recovery()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .keys import parse_api_keys
@@ -102,6 +102,18 @@ class Settings(BaseSettings):
     rate_limit_admin: int = Field(default=60, ge=1)
     # The limiter gives up on Redis after this long and lets the request through.
     rate_limit_timeout: float = Field(default=0.25, gt=0)
+
+    # Observability (issue 7): blocking detection, slow queries, profiling, worker metrics.
+    # The event loop held longer than this (seconds) logs a warning with the blocking stack.
+    loop_block_threshold: float = Field(default=0.1, gt=0, le=60)
+    # Queries slower than this (seconds) are logged (name, duration, parameter count).
+    slow_query_threshold: float = Field(default=0.1, ge=0)
+    # Unset: profiling is off. Set: a request with `X-Profile-Token: <token>` gets its
+    # pyinstrument profile (HTML) instead of its body.
+    profiling_token: SecretStr | None = Field(default=None, min_length=16)
+    # The arq worker serves its Prometheus metrics here; 0 serves none.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
 
     @field_validator("database_url")
     @classmethod

@@ -11,6 +11,7 @@ import aiosql
 import asyncpg
 
 from .config import Settings
+from .querylog import installer, register_queries
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,9 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 def load_queries(name: str) -> Any:
     """The named queries of ``sql/<name>.sql`` (aiosql, asyncpg driver)."""
-    return aiosql.from_path(SQL_DIR / f"{name}.sql", "asyncpg")
+    queries = aiosql.from_path(SQL_DIR / f"{name}.sql", "asyncpg")
+    register_queries(queries)  # so the slow-query log names them
+    return queries
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
@@ -34,6 +37,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
         timeout=settings.db_connect_timeout,
+        init=installer(settings.slow_query_threshold),
         server_settings={
             "application_name": "quart-service",
             "statement_timeout": str(settings.db_statement_timeout_ms),

@@ -11,6 +11,7 @@ from quart import Blueprint, current_app, request
 from quart_schema import document_headers, document_response, validate_querystring, validate_request
 
 from .errors import APIError
+from .metrics import TASKS_ACCEPTED, TASKS_REFUSED
 from .resources import settings
 from .taskqueue import IdempotencyConflict, QueueFull, QueueUnavailable, Task, TaskQueue
 
@@ -88,14 +89,16 @@ def _idempotency_key() -> str | None:
 async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
     retry_after = {"Retry-After": str(settings().task_retry_after)}
     try:
-        return await task_queue().submit(n, idempotency_key)
+        task, created = await task_queue().submit(n, idempotency_key)
     except QueueFull:
+        TASKS_REFUSED.labels("full").inc()
         raise APIError(
             503,
             f"The task queue is full ({settings().task_queue_limit} outstanding); retry later.",
             headers=retry_after,
         ) from None
     except QueueUnavailable:
+        TASKS_REFUSED.labels("unavailable").inc()
         raise APIError(
             503, "The task queue is unavailable; retry later.", headers=retry_after
         ) from None
@@ -105,6 +108,9 @@ async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, boo
             "This Idempotency-Key was used for a task with another n.",
             title="Idempotency-Key reused",
         ) from None
+    if created:
+        TASKS_ACCEPTED.inc()
+    return task, created
 
 
 def _location(task: Task) -> dict[str, str]:

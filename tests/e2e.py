@@ -34,12 +34,12 @@ def wait_until_serving(
 
 @contextmanager
 def hypercorn(
-    port: int, env: dict[str, str], *extra_args: str
+    port: int, env: dict[str, str], *extra_args: str, app: str = "service.app:create_app()"
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Hypercorn serving the app with hypercorn.toml, bound to ``port``; stopped on exit."""
     command = [
         sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
-        "--bind", f"127.0.0.1:{port}", *extra_args, "service.app:create_app()",
+        "--bind", f"127.0.0.1:{port}", *extra_args, app,
     ]  # fmt: skip
     # Output goes to a file, not a pipe: a pipe nobody drains fills up and then blocks the
     # server on its next log line. ``output(process)`` reads it.

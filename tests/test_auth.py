@@ -170,8 +170,9 @@ async def test_the_right_key_reaches_the_handler_and_gets_no_store(
         ("GET", "/expensive-operation", (), (), "read"),
         ("GET", "/metrics", (), (), "admin"),
         ("GET", "/debug/profile", (), (), "admin"),
-        ("GET", "/users", ("profile",), (), "admin"),
-        ("GET", "/users", (), ("x-profile",), "admin"),
+        # The profiling token changes no scope, so a 403 never reveals that profiling exists.
+        ("GET", "/users", ("profile",), (), "read"),
+        ("GET", "/users", (), ("x-profile-token",), "read"),
         ("GET", "/docs", (), (), "admin"),
         ("GET", "/openapi.json", (), (), "admin"),
         ("TRACE", "/users", (), (), "admin"),
@@ -288,8 +289,11 @@ def test_keygen_prints_a_key_whose_entry_parses(capsys: pytest.CaptureFixture[st
 async def test_development_without_keys_is_open_and_says_so_loudly(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
+    app = create_app(settings)
     with caplog.at_level(logging.WARNING, logger="service.auth"):
-        app = create_app(settings)
-    assert any("API_KEYS" in r.getMessage() and "OPEN" in r.getMessage() for r in caplog.records)
-    async with app.test_app() as test_app:
-        assert (await test_app.test_client().get("/users")).status_code == 200
+        async with app.test_app() as test_app:
+            # Said when serving starts, once logging is set up.
+            assert any(
+                "API_KEYS" in r.getMessage() and "OPEN" in r.getMessage() for r in caplog.records
+            )
+            assert (await test_app.test_client().get("/users")).status_code == 200

@@ -13,6 +13,7 @@ import sys
 import redis.asyncio as aioredis
 
 from service.config import ConfigError, Settings, load_settings
+from service.logs import configure_logging
 
 from . import queue
 
@@ -44,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print("worker alive" if alive else "no live worker on this queue")
         return 0 if alive else 1
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()  # JSON lines, as the API's
     try:
         import uvloop
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from pebble import ProcessPool
+
+from service.loopwatch import activity
+from service.metrics import JOB_DURATION, JOBS, WORKER_POOL_BUSY
 
 from .compute import sum_of_squares
 
@@ -23,9 +27,25 @@ async def heavy_task(ctx: dict[str, Any], n: int) -> int:
     """
     pool: ProcessPool = ctx["pool"]
     timeout: float = ctx["task_timeout"]
-    future = pool.schedule(sum_of_squares, args=(n,), timeout=timeout)
+    started = time.perf_counter()
+    outcome = "failed"
+    WORKER_POOL_BUSY.inc()
     try:
-        result: int = await asyncio.wrap_future(future)
-    except TimeoutError:
-        raise JobTimeout(f"the computation ran past the task timeout of {timeout:g} s") from None
-    return result
+        with activity(f"job heavy_task {ctx.get('job_id', '?')}"):
+            future = pool.schedule(sum_of_squares, args=(n,), timeout=timeout)
+            try:
+                result: int = await asyncio.wrap_future(future)
+            except TimeoutError:
+                outcome = "timed_out"
+                raise JobTimeout(
+                    f"the computation ran past the task timeout of {timeout:g} s"
+                ) from None
+            except asyncio.CancelledError:
+                outcome = "aborted"
+                raise
+        outcome = "complete"
+        return result
+    finally:
+        WORKER_POOL_BUSY.dec()
+        JOBS.labels(outcome).inc()
+        JOB_DURATION.observe(time.perf_counter() - started)

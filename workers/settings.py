@@ -18,6 +18,8 @@ from arq.worker import func
 from pebble import ProcessPool
 
 from service.config import Settings, load_settings
+from service.loopwatch import LoopWatch
+from service.metrics import WORKER_POOL_SIZE
 
 from . import queue
 from .jobs import heavy_task
@@ -49,10 +51,24 @@ async def startup(ctx: dict[str, Any]) -> None:
         initializer=die_with_parent,
     )
     ctx["task_timeout"] = settings.task_timeout
+    WORKER_POOL_SIZE.set(size)
+    # Observability (issue 7): blocking detection on the worker's loop, its own metrics port.
+    ctx["loopwatch"] = LoopWatch(threshold=settings.loop_block_threshold)
+    await ctx["loopwatch"].start()
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        log.info(
+            "worker metrics on %s:%d", settings.worker_metrics_host, settings.worker_metrics_port
+        )
     log.info("worker ready: %d compute processes, queue %s", size, queue.queue_name(settings))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    watch: LoopWatch | None = ctx.pop("loopwatch", None)
+    if watch is not None:
+        await watch.stop()
     pool: ProcessPool | None = ctx.pop("pool", None)
     if pool is not None:
         pool.stop()  # type: ignore[no-untyped-call]
