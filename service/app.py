@@ -15,6 +15,7 @@ from .config import Settings, load_settings
 from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
 from .resources import create_redis
+from .serving import install_graceful_drain
 from .users import blueprint as users_blueprint
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     register_error_handlers(app)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
+    install_graceful_drain(app)  # deployment: multi-worker Hypercorn drains on SIGTERM
 
     @app.before_serving
     async def _open_resources() -> None:

@@ -33,12 +33,19 @@ def wait_until_serving(
 
 @contextmanager
 def hypercorn(
-    port: int, env: dict[str, str], *extra_args: str
+    port: int,
+    env: dict[str, str],
+    *extra_args: str,
+    app: str = "service.app:create_app()",
+    new_session: bool = False,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Hypercorn serving the app with hypercorn.toml, bound to ``port``; stopped on exit."""
+    """Hypercorn serving ``app`` with hypercorn.toml, bound to ``port``; stopped on exit.
+
+    ``new_session`` puts it in its own process group, for tests that signal the group.
+    """
     command = [
         sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
-        "--bind", f"127.0.0.1:{port}", *extra_args, "service.app:create_app()",
+        "--bind", f"127.0.0.1:{port}", *extra_args, app,
     ]  # fmt: skip
     process = subprocess.Popen(
         command,
@@ -46,6 +53,7 @@ def hypercorn(
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
