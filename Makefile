@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean
+.PHONY: run test check fmt migrate down clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ migrate: $(VENV)/.installed
 ## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
 down: $(VENV)/.installed
 	$(PY) -m service.devstack down
+
+## lock: re-resolve requirements.lock (the images install exactly it) from pyproject.toml
+lock: $(VENV)/.installed
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+		--generate-hashes --quiet --output-file requirements.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,4 @@
-"""Operator commands: ``python -m service migrate``."""
+"""Operator commands: ``python -m service migrate``, ``python -m service preflight``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from . import preflight
 from .config import ConfigError, load_settings
 from .db import migrate_database
 
@@ -15,6 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply the migrations in sql/migrations")
+    # deployment: the containers' entry point (service/preflight.py)
+    preflight_parser = commands.add_parser(
+        "preflight",
+        help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",
+    )
+    preflight_parser.add_argument("--migrate", action="store_true", help="migrate first")
+    preflight_parser.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to keep retrying before giving up"
+    )
+    preflight_parser.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -23,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    if args.command == "preflight":
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        return preflight.run(settings, command, migrate=args.migrate, wait=args.wait)
     if args.command == "migrate":
         applied = asyncio.run(migrate_database(settings))
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
