@@ -171,3 +171,8 @@ def test_worker_image_command_runs_on_the_host_and_reports_healthy(settings: Set
     # Once it is gone, its health check fails: it does not just always say yes.
     stale = subprocess.run(healthcheck_command(worker), env=env, check=False, timeout=10)
     assert stale.returncode != 0
+
+
+def test_docker_and_podman_read_the_same_ignore_file() -> None:
+    # Podman/Buildah read .containerignore; Docker reads only .dockerignore.
+    assert (ROOT / ".dockerignore").read_text() == (ROOT / ".containerignore").read_text()
