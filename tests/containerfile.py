@@ -98,7 +98,7 @@ def healthcheck_command(stage: Stage) -> list[str]:
     return exec_form(command)
 
 
-def host_env(stage: Stage, settings: Settings, **extra: str) -> dict[str, str]:
+def host_env(stage: Stage, settings: Settings | None = None, **extra: str) -> dict[str, str]:
     """The stage's ENV as the image sets it, with the image's virtualenv replaced by ours.
 
     Once the API-key enforcement of ENVIRONMENT=production lands, its variable goes here too.
@@ -107,12 +107,9 @@ def host_env(stage: Stage, settings: Settings, **extra: str) -> dict[str, str]:
     for name, value in stage.env(STAGES).items():
         venv_bin = str(Path(sys.executable).parent)
         env[name] = value.replace("/opt/venv/bin", venv_bin).replace("$PATH", os.environ["PATH"])
-    env.update(
-        {
-            "DATABASE_URL": settings.database_url,
-            "REDIS_URL": settings.redis_url,
-            "REDIS_PREFIX": settings.redis_prefix,
-            **extra,
-        }
-    )
+    if settings is not None:
+        env["DATABASE_URL"] = settings.database_url
+        env["REDIS_URL"] = settings.redis_url
+        env["REDIS_PREFIX"] = settings.redis_prefix
+    env.update(extra)
     return env
