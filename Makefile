@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean lock
+.PHONY: run test check fmt migrate down clean lock scale-out
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ down: $(VENV)/.installed
 lock: $(VENV)/.installed
 	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
 		--generate-hashes --quiet --output-file requirements.lock
+
+## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
+scale-out: $(VENV)/.installed
+	$(PY) scripts/scale_out.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
