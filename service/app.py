@@ -16,6 +16,8 @@ from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
 from .resources import create_redis
 from .serving import install_graceful_drain
+from .taskqueue import TaskQueue
+from .tasks import blueprint as tasks_blueprint
 from .users import blueprint as users_blueprint
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,21 @@ def create_app(settings: Settings | None = None) -> Quart:
     register_error_handlers(app)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
+    app.register_blueprint(tasks_blueprint)
     install_graceful_drain(app)  # deployment: multi-worker Hypercorn drains on SIGTERM
 
     @app.before_serving
     async def _open_resources() -> None:
         app.extensions["db_pool"] = await db.create_pool(settings)
         app.extensions["redis"] = create_redis(settings)
+        app.extensions["task_queue"] = TaskQueue(app.extensions["redis"], settings)
+        app.extensions["task_queue"].start()
 
     @app.after_serving
     async def _close_resources() -> None:
+        tasks: TaskQueue | None = app.extensions.pop("task_queue", None)
+        if tasks is not None:
+            await tasks.stop()
         redis_client: aioredis.Redis | None = app.extensions.pop("redis", None)
         if redis_client is not None:
             await redis_client.aclose()

@@ -40,6 +40,25 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     readiness_timeout: float = Field(default=1.0, gt=0)
 
+    # Tasks (arq): the API's limits and the worker's settings.
+    task_max_n: int = Field(default=10**9, ge=1)
+    # Outstanding tasks (queued or running) beyond which submissions get 503.
+    task_queue_limit: int = Field(default=100, ge=1)
+    task_retry_after: int = Field(default=5, ge=1)
+    # How long GET /heavy-task waits for the result before answering 202.
+    task_wait: float = Field(default=30.0, ge=0)
+    # A computation running longer is ended (its child process killed) and the task fails.
+    task_timeout: float = Field(default=120.0, gt=0)
+    task_result_ttl: int = Field(default=24 * 3600, ge=60)
+    task_max_tries: int = Field(default=3, ge=1)
+    # Child processes computing tasks in each worker; 0 means one per core.
+    worker_processes: int = Field(default=0, ge=0, le=256)
+    # arq polls the queue; 0.5 s (its default) would add 250 ms to every small task.
+    worker_poll_delay: float = Field(default=0.02, gt=0, le=5)
+    worker_health_interval: int = Field(default=5, ge=1)
+    # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
+    worker_shutdown_grace: int = Field(default=30, ge=0)
+
     @field_validator("database_url")
     @classmethod
     def _postgres_scheme(cls, value: str) -> str:

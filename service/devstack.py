@@ -182,7 +182,7 @@ def ensure_services(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(extra_hypercorn_args: list[str]) -> int:
-    """Migrate, then run the API under Hypercorn until interrupted."""
+    """Migrate, then run the API under Hypercorn and the arq worker until interrupted."""
     env = {**os.environ, **ensure_services()}
     python = sys.executable
     subprocess.run([python, "-m", "service", "migrate"], env=env, check=True)
@@ -192,9 +192,13 @@ def run(extra_hypercorn_args: list[str]) -> int:
     ]  # fmt: skip
     if not any(arg in ("-b", "--bind") or arg.startswith("--bind=") for arg in api_cmd):
         # hypercorn.toml binds all interfaces (for containers); a developer's stays on loopback.
-        api_cmd[1:1] = ["--bind", "127.0.0.1:8000"]
-    _say("starting the API under Hypercorn (hypercorn.toml); Ctrl-C stops it")
-    children = [subprocess.Popen(api_cmd, env=env, cwd=ROOT)]
+        api_cmd[-1:-1] = ["--bind", "127.0.0.1:8000"]
+    worker_cmd = [python, "-m", "workers"]
+    _say("starting the API (Hypercorn, hypercorn.toml) and the arq worker; Ctrl-C stops both")
+    children = [
+        subprocess.Popen(api_cmd, env=env, cwd=ROOT),
+        subprocess.Popen(worker_cmd, env=env, cwd=ROOT),
+    ]
 
     def _forward(signum: int, _frame: object) -> None:
         for child in children:

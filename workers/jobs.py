@@ -1,0 +1,31 @@
+"""Async arq jobs: each hands its CPU work to the process pool and awaits it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pebble import ProcessPool
+
+from .compute import sum_of_squares
+
+
+class JobTimeout(Exception):
+    """The computation ran past the task timeout; its process was ended."""
+
+
+async def heavy_task(ctx: dict[str, Any], n: int) -> int:
+    """Sum of squares below ``n``, computed in a child process.
+
+    The pool's per-task timeout ends the child process when it runs too long; cancelling this
+    coroutine (an abort, arq's own timeout, or shutdown) cancels the future, and pebble ends
+    that child too and starts a fresh one. Either way the CPU is freed, not left busy.
+    """
+    pool: ProcessPool = ctx["pool"]
+    timeout: float = ctx["task_timeout"]
+    future = pool.schedule(sum_of_squares, args=(n,), timeout=timeout)
+    try:
+        result: int = await asyncio.wrap_future(future)
+    except TimeoutError:
+        raise JobTimeout(f"the computation ran past the task timeout of {timeout:g} s") from None
+    return result

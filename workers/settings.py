@@ -1,0 +1,84 @@
+"""The arq worker's settings, derived from the service's one ``Settings``.
+
+``python -m workers`` runs it; so does ``arq workers.settings.WorkerSettings``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import func
+from pebble import ProcessPool
+
+from service.config import Settings, load_settings
+
+from . import queue
+from .jobs import heavy_task
+
+log = logging.getLogger(__name__)
+
+
+def pool_size(settings: Settings) -> int:
+    return settings.worker_processes or os.cpu_count() or 1
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    size = pool_size(settings)
+    # forkserver: children start from a clean process, not a fork of the running event loop.
+    ctx["pool"] = ProcessPool(max_workers=size, context=multiprocessing.get_context("forkserver"))
+    ctx["task_timeout"] = settings.task_timeout
+    log.info("worker ready: %d compute processes, queue %s", size, queue.queue_name(settings))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    pool: ProcessPool | None = ctx.get("pool")
+    if pool is not None:
+        pool.stop()  # type: ignore[no-untyped-call]
+        pool.join(timeout=5)
+
+
+async def announce_done(ctx: dict[str, Any]) -> None:
+    """Runs after arq has stored the result: wakes up API requests waiting for this job."""
+    settings: Settings = ctx["settings"]
+    try:
+        await ctx["redis"].publish(queue.done_channel(settings), ctx["job_id"])
+    except Exception as error:  # waiters fall back to polling; never fail the job for this
+        log.warning("could not announce job %s: %s", ctx["job_id"], error)
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Everything ``arq.worker.Worker`` takes, derived from the settings."""
+    return {
+        "functions": [func(heavy_task, name="heavy_task", max_tries=settings.task_max_tries)],
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": queue.queue_name(settings),
+        "health_check_key": queue.health_check_key(settings),
+        "health_check_interval": settings.worker_health_interval,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "after_job_end": announce_done,
+        "ctx": {"settings": settings},
+        "max_jobs": pool_size(settings),
+        # arq's own timeout is a backstop; the pool's per-task timeout ends the computation.
+        "job_timeout": settings.task_timeout + 5,
+        "keep_result": settings.task_result_ttl,
+        "max_tries": settings.task_max_tries,
+        "poll_delay": settings.worker_poll_delay,
+        "allow_abort_jobs": True,
+        "job_completion_wait": settings.worker_shutdown_grace,
+        "job_serializer": queue.dumps,
+        "job_deserializer": queue.loads,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    # ``arq workers.settings.WorkerSettings`` reads the environment only when asked, not at
+    # import, so tests and ``python -m workers`` can build the options from their own settings.
+    if name == "WorkerSettings":
+        return type("WorkerSettings", (), worker_options(load_settings()))
+    raise AttributeError(name)
