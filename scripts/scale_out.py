@@ -239,10 +239,12 @@ async def main(args: argparse.Namespace) -> int:
                     )
                 )
                 statuses = Counter(r.headers.get("cache-status", "(none)") for r in responses)
+                # RFC 9211: "fwd=miss" went to the origin (computed it), unless "collapsed",
+                # which says it waited for another request's computation instead.
                 misses = sum(
                     count
                     for value, count in statuses.items()
-                    if re.search(r"fwd=|miss", value, re.IGNORECASE)
+                    if re.search(r"fwd=|miss", value, re.IGNORECASE) and "collapsed" not in value
                 )
                 bodies = {r.text for r in responses}
                 report.check(
