@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         "preflight",
         help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",
     )
+    preflight_parser.add_argument(
+        "--needs",
+        default=",".join(preflight.DEPENDENCIES),
+        help="comma-separated dependencies to check (default: postgres,redis)",
+    )
     preflight_parser.add_argument("--migrate", action="store_true", help="migrate first")
     preflight_parser.add_argument(
         "--wait", type=float, default=0.0, help="seconds to keep retrying before giving up"
@@ -36,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "preflight":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        return preflight.run(settings, command, migrate=args.migrate, wait=args.wait)
+        needs = tuple(name.strip() for name in args.needs.split(",") if name.strip())
+        unknown = set(needs) - set(preflight.DEPENDENCIES)
+        if unknown or not needs:
+            parser.error(f"--needs takes {','.join(preflight.DEPENDENCIES)}, not {args.needs!r}")
+        if args.migrate and "postgres" not in needs:
+            parser.error("--migrate needs postgres")
+        return preflight.run(settings, command, needs=needs, migrate=args.migrate, wait=args.wait)
     if args.command == "migrate":
         applied = asyncio.run(migrate_database(settings))
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")

@@ -6,7 +6,7 @@ PostgreSQL refuses the pool), its supervisor stops the other workers and exits 0
 is not even contacted at start (the service runs degraded without it). So the container's
 entry point runs this first::
 
-    python -m service preflight [--migrate] [--wait SECONDS] -- hypercorn --config ...
+    python -m service preflight [--needs postgres,redis] [--migrate] [--wait SECONDS] -- CMD...
 
 Every dependency is tried with its own connect timeout; on failure it prints one line per
 dependency naming the variable (never its value, which may hold a password) and exits 3. On
@@ -69,8 +69,13 @@ async def _check_redis(settings: Settings) -> None:
         await client.aclose()
 
 
-async def check_dependencies(settings: Settings) -> list[str]:
-    """One message per dependency that does not answer; empty when all do."""
+DEPENDENCIES = ("postgres", "redis")
+
+
+async def check_dependencies(
+    settings: Settings, needs: tuple[str, ...] = DEPENDENCIES
+) -> list[str]:
+    """One message per needed dependency that does not answer; empty when all do."""
 
     async def attempt(
         check: Callable[[Settings], Awaitable[None]], variable: str, what: str, url: str
@@ -81,17 +86,26 @@ async def check_dependencies(settings: Settings) -> list[str]:
             return f"{variable}: {what} at {_where(url)} is unreachable ({_reason(error)})"
         return None
 
-    outcomes = await asyncio.gather(
-        attempt(_check_postgres, "DATABASE_URL", "PostgreSQL", settings.database_url),
-        attempt(_check_redis, "REDIS_URL", "Redis", settings.redis_url),
-    )
+    checks = []
+    if "postgres" in needs:
+        checks.append(attempt(_check_postgres, "DATABASE_URL", "PostgreSQL", settings.database_url))
+    if "redis" in needs:
+        checks.append(attempt(_check_redis, "REDIS_URL", "Redis", settings.redis_url))
+    outcomes = await asyncio.gather(*checks)
     return [outcome for outcome in outcomes if outcome]
 
 
-def run(settings: Settings, command: list[str], *, migrate: bool, wait: float) -> int:
+def run(
+    settings: Settings,
+    command: list[str],
+    *,
+    needs: tuple[str, ...] = DEPENDENCIES,
+    migrate: bool = False,
+    wait: float = 0.0,
+) -> int:
     """Check (retrying for up to ``wait`` seconds), migrate if asked, then exec ``command``."""
     deadline = time.monotonic() + wait
-    while problems := asyncio.run(check_dependencies(settings)):
+    while problems := asyncio.run(check_dependencies(settings, needs)):
         if time.monotonic() >= deadline:
             for problem in problems:
                 print(f"preflight: {problem}", file=sys.stderr)
@@ -102,7 +116,7 @@ def run(settings: Settings, command: list[str], *, migrate: bool, wait: float) -
         applied = asyncio.run(migrate_database(settings))
         print(f"preflight: migrations applied: {', '.join(applied) or 'none'}", file=sys.stderr)
     if not command:
-        print("preflight: PostgreSQL and Redis answer", file=sys.stderr)
+        print(f"preflight: {' and '.join(needs)} answer", file=sys.stderr)
         return 0
     sys.stdout.flush()
     sys.stderr.flush()

@@ -98,6 +98,12 @@ def test_api_port_is_the_one_hypercorn_binds_and_stops_outlast_the_drain() -> No
     assert seconds(SERVICES["api"]["stop_grace_period"]) > HYPERCORN["graceful_timeout"]
 
 
+def test_workers_get_longer_to_stop_than_their_jobs_get_to_finish() -> None:
+    environment = SERVICES["worker"]["environment"]
+    settings = Settings.model_validate({k.lower(): interpolate(v) for k, v in environment.items()})
+    assert seconds(SERVICES["worker"]["stop_grace_period"]) > settings.worker_shutdown_grace
+
+
 def test_postgres_connection_budget_fits_max_connections() -> None:
     command = SERVICES["postgres"]["command"]
     max_connections = int(command[command.index("-c") + 1].split("=")[1])

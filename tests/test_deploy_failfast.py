@@ -30,17 +30,18 @@ def silent_port() -> Iterator[int]:
         yield listener.getsockname()[1]
 
 
-def start_api_image_command(
-    settings: Settings, **env: str
+def start_image_command(
+    settings: Settings, image: str = "api", **env: str
 ) -> tuple[subprocess.CompletedProcess[str], float]:
-    api = STAGES["api"]
-    command = [*exec_form(api.last("ENTRYPOINT")), *exec_form(api.last("CMD"))]
-    command += ["--bind", f"127.0.0.1:{free_port()}"]
+    stage = STAGES[image]
+    command = [*exec_form(stage.last("ENTRYPOINT")), *exec_form(stage.last("CMD"))]
+    if image == "api":
+        command += ["--bind", f"127.0.0.1:{free_port()}"]
     started = time.monotonic()
     result = subprocess.run(
         command,
         cwd=ROOT,
-        env=host_env(api, settings, **env),
+        env=host_env(stage, settings, **env),
         capture_output=True,
         text=True,
         timeout=HANG_GUARD,
@@ -50,20 +51,27 @@ def start_api_image_command(
 
 
 @pytest.mark.parametrize("target", ["refused", "silent"])
-@pytest.mark.parametrize("variable", ["DATABASE_URL", "REDIS_URL"])
+@pytest.mark.parametrize(
+    ("image", "variable"),
+    [("api", "DATABASE_URL"), ("api", "REDIS_URL"), ("worker", "REDIS_URL")],
+)
 def test_unreachable_dependency_stops_the_start_naming_the_variable(
-    settings: Settings, silent_port: int, variable: str, target: str
+    settings: Settings, silent_port: int, image: str, variable: str, target: str
 ) -> None:
     port = free_port() if target == "refused" else silent_port
     scheme = "postgresql://postgres" if variable == "DATABASE_URL" else "redis://"
-    result, elapsed = start_api_image_command(
+    result, elapsed = start_image_command(
         settings,
+        image,
         **{variable: f"{scheme}@127.0.0.1:{port}/x"},
         DB_CONNECT_TIMEOUT="1",
         REDIS_CONNECT_TIMEOUT="1",
         REDIS_SOCKET_TIMEOUT="1",
     )
-    print(f"\n[fail-fast] {variable} {target}: exit {result.returncode} after {elapsed:.2f} s")
+    print(
+        f"\n[fail-fast] {image}: {variable} {target}: "
+        f"exit {result.returncode} after {elapsed:.2f} s"
+    )
     assert result.returncode == UNREACHABLE_EXIT
     assert f"{variable}: " in result.stderr
     assert f"127.0.0.1:{port}/x is unreachable" in result.stderr
@@ -73,10 +81,27 @@ def test_unreachable_dependency_stops_the_start_naming_the_variable(
 
 
 def test_bad_setting_stops_the_start_naming_the_variable(settings: Settings) -> None:
-    result, _ = start_api_image_command(settings, DB_POOL_MAX_SIZE="lots")
+    result, _ = start_image_command(settings, DB_POOL_MAX_SIZE="lots")
     assert result.returncode == 2
     assert "DB_POOL_MAX_SIZE" in result.stderr
     assert "Running on" not in result.stdout + result.stderr
+
+
+def test_worker_does_not_wait_for_postgres_it_does_not_use(settings: Settings) -> None:
+    worker = STAGES["worker"]
+    entrypoint = exec_form(worker.last("ENTRYPOINT"))
+    # The worker's own preflight, without the worker: PostgreSQL down does not stop it.
+    result = subprocess.run(
+        entrypoint[: entrypoint.index("--")],
+        cwd=ROOT,
+        env=host_env(worker, settings, DATABASE_URL=f"postgresql://x@127.0.0.1:{free_port()}/x"),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "DATABASE_URL" not in result.stderr
 
 
 def test_hypercorn_alone_exits_zero_when_startup_fails(settings: Settings) -> None:
