@@ -27,9 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated dependencies to check (default: postgres,redis)",
     )
     preflight_parser.add_argument("--migrate", action="store_true", help="migrate first")
-    preflight_parser.add_argument(
-        "--wait", type=float, default=0.0, help="seconds to keep retrying before giving up"
-    )
     preflight_parser.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--needs takes {','.join(preflight.DEPENDENCIES)}, not {args.needs!r}")
         if args.migrate and "postgres" not in needs:
             parser.error("--migrate needs postgres")
-        return preflight.run(settings, command, needs=needs, migrate=args.migrate, wait=args.wait)
+        return preflight.run(settings, command, needs=needs, migrate=args.migrate)
     if args.command == "migrate":
         applied = asyncio.run(migrate_database(settings))
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")

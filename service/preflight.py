@@ -6,7 +6,7 @@ PostgreSQL refuses the pool), its supervisor stops the other workers and exits 0
 is not even contacted at start (the service runs degraded without it). So the container's
 entry point runs this first::
 
-    python -m service preflight [--needs postgres,redis] [--migrate] [--wait SECONDS] -- CMD...
+    python -m service preflight [--needs postgres,redis] [--migrate] -- CMD...
 
 Every dependency is tried with its own connect timeout; on failure it prints one line per
 dependency naming the variable (never its value, which may hold a password) and exits 3. On
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -101,17 +100,15 @@ def run(
     *,
     needs: tuple[str, ...] = DEPENDENCIES,
     migrate: bool = False,
-    wait: float = 0.0,
 ) -> int:
-    """Check (retrying for up to ``wait`` seconds), migrate if asked, then exec ``command``."""
-    deadline = time.monotonic() + wait
-    while problems := asyncio.run(check_dependencies(settings, needs)):
-        if time.monotonic() >= deadline:
-            for problem in problems:
-                print(f"preflight: {problem}", file=sys.stderr)
-            print("preflight: not starting; fix the above and start again", file=sys.stderr)
-            return UNREACHABLE_EXIT
-        time.sleep(1)
+    """Check once (no retries: the orchestrator's restart policy and health-gated start order
+    are the place for waiting), migrate if asked, then exec ``command``."""
+    problems = asyncio.run(check_dependencies(settings, needs))
+    if problems:
+        for problem in problems:
+            print(f"preflight: {problem}", file=sys.stderr)
+        print("preflight: not starting; fix the above and start again", file=sys.stderr)
+        return UNREACHABLE_EXIT
     if migrate:
         applied = asyncio.run(migrate_database(settings))
         print(f"preflight: migrations applied: {', '.join(applied) or 'none'}", file=sys.stderr)
