@@ -41,9 +41,16 @@ def _new_connection_outcome(port: int) -> str:
     return f"served {response.status_code}"
 
 
-@pytest.mark.parametrize("target", ["supervisor", "process-group"])
+@pytest.mark.parametrize(
+    ("workers", "target"),
+    [
+        ("2", "supervisor"),  # what docker stop and Kubernetes do
+        ("2", "process-group"),  # kill -TERM -PGID, systemd's default KillMode
+        ("0", "supervisor"),  # in-process: Hypercorn's own handler, which must stay in charge
+    ],
+)
 async def test_sigterm_under_load_completes_in_flight_requests(
-    settings: Settings, port: int, redis_cleanup: aioredis.Redis, target: str
+    settings: Settings, port: int, redis_cleanup: aioredis.Redis, workers: str, target: str
 ) -> None:
     env = {
         "DATABASE_URL": settings.database_url,
@@ -52,7 +59,7 @@ async def test_sigterm_under_load_completes_in_flight_requests(
     }
     counter = f"{settings.redis_prefix}in-flight"
     with hypercorn(
-        port, env, "--workers", "2", app="tests.slow_app:create_app()", new_session=True
+        port, env, "--workers", workers, app="tests.slow_app:create_app()", new_session=True
     ) as (base_url, process):
         limits = httpx.Limits(max_connections=IN_FLIGHT + 1)
         async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as http:
@@ -65,9 +72,9 @@ async def test_sigterm_under_load_completes_in_flight_requests(
 
             started = time.monotonic()
             if target == "supervisor":
-                process.send_signal(signal.SIGTERM)  # what docker stop / Kubernetes do
+                process.send_signal(signal.SIGTERM)
             else:
-                os.killpg(process.pid, signal.SIGTERM)  # what Ctrl-C-like group signals do
+                os.killpg(process.pid, signal.SIGTERM)
             # Once the workers have seen the shutdown (they poll every 0.1 s), new clients
             # must not hang: connection refused, or reset before any byte of an answer.
             await asyncio.sleep(0.5)
@@ -80,7 +87,8 @@ async def test_sigterm_under_load_completes_in_flight_requests(
 
     completed = [a for a in answers if isinstance(a, httpx.Response) and a.status_code == 200]
     print(
-        f"\n[shutdown/{target}] in flight at SIGTERM: {IN_FLIGHT} (1 of 3 s, the rest 1 s); "
+        f"\n[shutdown/workers={workers}/{target}] in flight at SIGTERM: {IN_FLIGHT} "
+        "(1 of 3 s, the rest 1 s); "
         f"completed: {len(completed)}; new connections after it: {dict(Counter(late))}; "
         f"exit {exit_code} after {exited_after:.2f} s (graceful_timeout {GRACEFUL_TIMEOUT} s)"
     )
