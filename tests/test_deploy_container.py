@@ -127,6 +127,10 @@ def test_api_image_command_serves_on_the_host(settings: Settings, port: int) -> 
     )
     try:
         wait_until_serving(base_url, process)
+        # The preflight exec()ed Hypercorn: the process the engine signals is Hypercorn itself.
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+        assert any(part.endswith(b"hypercorn") for part in cmdline), cmdline
+        assert b"preflight" not in cmdline
         response = httpx.get(f"{base_url}/users", params={"email": "nobody@example.com"})
         assert response.status_code == 200
         assert response.json()["users"] == []
