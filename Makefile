@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean lock scale-out
+.PHONY: run test check fmt migrate down clean bench lock scale-out
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ migrate: $(VENV)/.installed
 ## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
 down: $(VENV)/.installed
 	$(PY) -m service.devstack down
+
+## bench: the benchmark against the Flask original and the bare ASGI ceiling (bench/README.md);
+## BENCH_ARGS='--quick' for a smoke run
+bench: $(VENV)/.installed
+	$(PY) -m bench $(BENCH_ARGS)
 
 ## lock: re-resolve requirements.lock (the images install exactly it) from pyproject.toml
 lock: $(VENV)/.installed

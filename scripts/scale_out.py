@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from service.db import migration_files  # noqa: E402
 from service.devstack import ensure_services  # noqa: E402
 from tests.conftest import with_search_path  # noqa: E402
-from tests.containerfile import STAGES, exec_form, host_env  # noqa: E402
+from tests.containerfile import AUTH, STAGES, exec_form, host_env  # noqa: E402
 
 START_TIMEOUT = 30.0
 TASK_TIMEOUT = 120.0
@@ -149,7 +149,11 @@ async def main(args: argparse.Namespace) -> int:
     try:
         api_stage, worker_stage = STAGES["api"], STAGES["worker"]
         env = host_env(
-            api_stage, DATABASE_URL=database_url, REDIS_URL=urls["REDIS_URL"], REDIS_PREFIX=prefix
+            api_stage,
+            DATABASE_URL=database_url,
+            REDIS_URL=urls["REDIS_URL"],
+            REDIS_PREFIX=prefix,
+            DOCS_ENABLED="true",  # /openapi.json tells which routes exist
         )
         ports = [free_port(), free_port()]
         api_command = [*exec_form(api_stage.last("ENTRYPOINT")), *exec_form(api_stage.last("CMD"))]
@@ -173,7 +177,7 @@ async def main(args: argparse.Namespace) -> int:
             processes += workers
         api_urls = [f"http://127.0.0.1:{port}" for port in ports]
         started = time.monotonic()
-        async with httpx.AsyncClient(timeout=TASK_TIMEOUT) as http:
+        async with httpx.AsyncClient(timeout=TASK_TIMEOUT, headers=AUTH) as http:
             for url, process in zip(api_urls, apis, strict=True):
                 await wait_serving(http, url, process)
             report.say("start", f"2 APIs serving {time.monotonic() - started:.2f} s after launch")

@@ -1,4 +1,4 @@
-"""Operator commands: ``python -m service migrate``, ``python -m service preflight``."""
+"""Operator commands: ``python -m service migrate``, ``keygen``, ``preflight``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ import sys
 from . import preflight
 from .config import ConfigError, load_settings
 from .db import migrate_database
+from .keys import SCOPES, generate_key, key_entry, parse_api_keys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply the migrations in sql/migrations")
+    keygen = commands.add_parser("keygen", help="print a new API key and its API_KEYS entry")
+    keygen.add_argument("--name", default="client", help="the key's name (logs, rate limits)")
+    keygen.add_argument(
+        "--scopes", default="read", help=f"comma-separated, of {', '.join(SCOPES)} (default: read)"
+    )
     # deployment: the containers' entry point (service/preflight.py)
     preflight_parser = commands.add_parser(
         "preflight",
@@ -29,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     preflight_parser.add_argument("--migrate", action="store_true", help="migrate first")
     preflight_parser.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return _keygen(args.name, args.scopes)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
@@ -48,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         applied = asyncio.run(migrate_database(settings))
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+    return 0
+
+
+def _keygen(name: str, scopes_text: str) -> int:
+    # Needs no settings: it must work before the service can start (production needs a key).
+    scopes = tuple(scope.strip() for scope in scopes_text.split(",") if scope.strip())
+    key = generate_key()
+    entry = key_entry(name, key, scopes)
+    try:
+        parse_api_keys(entry)
+    except ValueError as error:
+        print(f"keygen: {error}", file=sys.stderr)
+        return 2
+    print(f"API key (give it to the client; it is shown only once):\n  {key}")
+    print("Add this entry to API_KEYS (comma-separated with any others):")
+    print(f"  API_KEYS={entry}")
     return 0
 
 

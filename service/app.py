@@ -10,10 +10,11 @@ import redis.asyncio as aioredis
 from quart import Quart, Response, g, request
 from quart_schema import Info, QuartSchema
 
-from . import db
+from . import auth, db
 from .config import Settings, load_settings
 from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
+from .reports import blueprint as reports_blueprint
 from .resources import create_redis
 from .serving import install_graceful_drain
 from .taskqueue import TaskQueue
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
     app.register_blueprint(tasks_blueprint)
+    app.register_blueprint(reports_blueprint)
     install_graceful_drain(app)  # deployment: multi-worker Hypercorn drains on SIGTERM
 
     @app.before_serving
@@ -75,6 +77,8 @@ def create_app(settings: Settings | None = None) -> Quart:
             g.request_id = given
         else:
             g.request_id = uuid.uuid4().hex
+
+    auth.install(app, settings)  # keys, scopes, rate limits, CORS: before any other check
 
     @app.before_request
     async def _check_body() -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .keys import parse_api_keys
+
+_PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
 
 class ConfigError(SystemExit):
@@ -37,6 +42,22 @@ class Settings(BaseSettings):
     # tests) can share one Redis.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
 
+    # The cached report of GET /expensive-operation (service/cache.py, service/reports.py).
+    cache_ttl: float = Field(default=600.0, gt=0)
+    # Each stored value lives cache_ttl less up to this fraction of it, at random.
+    cache_ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
+    # The single-flight lock expires after this long even if its owner dies; keep it above the
+    # report's computing time (itself bounded by DB_STATEMENT_TIMEOUT_MS per query).
+    cache_lock_ttl: float = Field(default=30.0, gt=0)
+    # How long a request waits for another process's computation before computing itself.
+    cache_lock_wait: float = Field(default=10.0, gt=0)
+    # Each cache command's bound; after a failure Redis is skipped for cache_retry_interval.
+    cache_redis_timeout: float = Field(default=0.5, gt=0)
+    cache_retry_interval: float = Field(default=5.0, gt=0)
+    cache_outage_log_interval: float = Field(default=60.0, gt=0)
+    report_window_days: int = Field(default=30, ge=1, le=3660)
+    report_top_domains: int = Field(default=10, ge=1, le=1000)
+
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     readiness_timeout: float = Field(default=1.0, gt=0)
 
@@ -59,11 +80,37 @@ class Settings(BaseSettings):
     # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
     worker_shutdown_grace: int = Field(default=30, ge=0)
 
+    # --- access and abuse: API keys, docs exposure, CORS, rate limits (service/auth.py,
+    # service/ratelimit.py) ---
+    # Comma-separated `name:sha256hex:scope+scope` (scopes: read, write, admin); the hash is
+    # the SHA-256 of the key. `python -m service keygen` prints a key and its entry. Required
+    # in production; in development an empty value leaves the service open.
+    api_keys: str = ""
+    # /docs and /openapi.json: unset means on in development, off in production.
+    docs_enabled: bool | None = None
+    # When on, the docs need no key; otherwise they need the admin scope.
+    docs_public: bool = False
+    # Comma-separated origins allowed to call from a browser (https://app.example.com);
+    # empty means no CORS headers at all.
+    cors_allow_origins: str = ""
+    # Unset means on in production, off in development (so local load tests measure the app).
+    rate_limit_enabled: bool | None = None
+    rate_limit_window: int = Field(default=60, ge=1, le=86_400)
+    # Requests per window, per key (or per client address without a key), for each scope.
+    rate_limit_read: int = Field(default=600, ge=1)
+    rate_limit_write: int = Field(default=120, ge=1)
+    rate_limit_admin: int = Field(default=60, ge=1)
+    # The limiter gives up on Redis after this long and lets the request through.
+    rate_limit_timeout: float = Field(default=0.25, gt=0)
+
     @field_validator("database_url")
     @classmethod
     def _postgres_scheme(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
+        for mode in parse_qs(urlsplit(value).query).get("sslmode", []):
+            if mode not in _PG_SSLMODES:
+                raise ValueError(f"sslmode must be one of {', '.join(sorted(_PG_SSLMODES))}")
         return value
 
     @field_validator("redis_url")
@@ -72,6 +119,48 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_format(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in split_list(value):
+            if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise ValueError("each origin must be scheme://host[:port], without a path")
+        return value
+
+    @model_validator(mode="after")
+    def _closed_in_production(self) -> Self:
+        if self.environment == "production" and not parse_api_keys(self.api_keys):
+            raise ValueError(
+                "API_KEYS must hold at least one key when ENVIRONMENT=production "
+                "(make one with `python -m service keygen`)"
+            )
+        return self
+
+    @property
+    def docs_served(self) -> bool:
+        """Whether /docs and /openapi.json are served."""
+        if self.docs_enabled is None:
+            return self.environment == "development"
+        return self.docs_enabled
+
+    @property
+    def rate_limited(self) -> bool:
+        """Whether requests are counted against the rate limits."""
+        if self.rate_limit_enabled is None:
+            return self.environment == "production"
+        return self.rate_limit_enabled
+
+
+def split_list(value: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated setting."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -84,7 +173,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         problems = [
-            f"{str(item['loc'][0]).upper() if item['loc'] else '?'}: {item['msg']}"
+            f"{str(item['loc'][0]).upper()}: {item['msg']}"
+            if item["loc"]
+            else item["msg"].removeprefix("Value error, ")
             for item in error.errors()
         ]
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -52,7 +52,7 @@ def _url_answers(url: str, default_port: int) -> bool:
     return port_open(parts.hostname or "127.0.0.1", parts.port or default_port)
 
 
-def _postgres_bin(name: str) -> str | None:
+def postgres_bin(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
@@ -60,7 +60,7 @@ def _postgres_bin(name: str) -> str | None:
     return candidates[0] if candidates else None
 
 
-def _as_postgres_user() -> tuple[list[str], int | None, int | None]:
+def as_postgres_user() -> tuple[list[str], int | None, int | None]:
     """PostgreSQL refuses to run as root: run its tools as the ``postgres`` user then."""
     if os.geteuid() != 0:
         return [], None, None
@@ -76,13 +76,13 @@ def _as_postgres_user() -> tuple[list[str], int | None, int | None]:
 
 def start_private_postgres(data_dir: Path, port: int) -> str:
     """Start (creating on first use) a private cluster; return its URL."""
-    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
     if not initdb or not pg_ctl:
         raise DevStackError(
             "nothing answers on the PostgreSQL port and no PostgreSQL binaries were found: "
             "install them (Debian: apt-get install postgresql) or set DATABASE_URL"
         )
-    prefix, uid, gid = _as_postgres_user()
+    prefix, uid, gid = as_postgres_user()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,9 +104,9 @@ def start_private_postgres(data_dir: Path, port: int) -> str:
 
 
 def stop_private_postgres(data_dir: Path) -> None:
-    pg_ctl = _postgres_bin("pg_ctl")
+    pg_ctl = postgres_bin("pg_ctl")
     if pg_ctl and (data_dir / "postmaster.pid").exists():
-        prefix, _, _ = _as_postgres_user()
+        prefix, _, _ = as_postgres_user()
         subprocess.run(
             [*prefix, pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"],
             check=False,
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        return run(args.hypercorn_args)
+        # `run -- --bind 127.0.0.1:9000`: options for Hypercorn follow a "--" (the benchmark's use).
+        extra = args.hypercorn_args
+        return run(extra[1:] if extra[:1] == ["--"] else extra)
     if args.command == "env":
         for name, value in ensure_services().items():
             print(f"{name}={value}")

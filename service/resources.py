@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,23 +43,64 @@ def redis_client() -> aioredis.Redis:
     return value
 
 
+# Errors that mean "PostgreSQL is not there right now", not "this request is wrong": the
+# server is down or restarting, the connection was cut, or a statement ran past its timeout.
+DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+def _database_unavailable(error: BaseException) -> APIError:
+    log.warning("database unavailable: %s", type(error).__name__)
+    return APIError(
+        503, "The database is unavailable; retry shortly.", headers={"Retry-After": "1"}
+    )
+
+
 @asynccontextmanager
 async def connection() -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection for this request, acquired with a bounded wait.
 
-    An exhausted pool, or a PostgreSQL that does not answer, becomes a 503 with Retry-After
-    rather than a request that hangs.
+    An exhausted pool, a PostgreSQL that does not answer, or a connection lost mid-query
+    becomes a 503 with Retry-After rather than a request that hangs or a 500.
     """
     pool: asyncpg.Pool = current_app.extensions["db_pool"]
     try:
         conn = await pool.acquire(timeout=settings().db_acquire_timeout)
-    except (TimeoutError, OSError, asyncpg.PostgresConnectionError) as error:
-        log.warning("database unavailable: %s", type(error).__name__)
-        raise APIError(
-            503, "The database is unavailable; retry shortly.", headers={"Retry-After": "1"}
-        ) from error
+    except DB_UNAVAILABLE as error:
+        raise _database_unavailable(error) from error
     try:
         yield conn
+    except DB_UNAVAILABLE as error:
+        raise _database_unavailable(error) from error
+    except asyncpg.InterfaceError as error:
+        if not conn.is_closed():
+            raise
+        raise _database_unavailable(error) from error
+    except asyncpg.exceptions.InternalClientError as error:
+        # asyncpg's protocol state went wrong, seen when PostgreSQL drops connections under
+        # load ("another operation is in progress"). The connection cannot be trusted: end
+        # it, and let the client retry on a fresh one. Logged in full, since it can be a bug.
+        log.error("asyncpg internal error; connection discarded", exc_info=True)
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise _database_unavailable(error) from error
     finally:
-        # Released in a shielded task so a cancelled request cannot leak the connection.
+        await _release(pool, conn)
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    # Shielded so that a cancelled request cannot leak the connection.
+    try:
         await asyncio.shield(pool.release(conn))
+    except Exception as error:
+        # Releasing runs a reset query; when PostgreSQL has just dropped the connection that
+        # fails in several ways (connection closed, "another operation is in progress", or a
+        # holder already returned by asyncpg's connection-lost callback). asyncpg terminates
+        # the connection and returns its slot to the pool in each case, so the request's own
+        # outcome stands; the pool opens a fresh connection on the next acquire.
+        log.warning("discarded a broken database connection: %s", type(error).__name__)

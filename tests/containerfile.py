@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.config import Settings
+from service.keys import SCOPES, generate_key, key_entry
 from tests.e2e import ROOT
 
 CONTAINERFILE = ROOT / "Containerfile"
+
+# The images set ENVIRONMENT=production, which refuses to start without API_KEYS.
+TEST_KEY = generate_key()
+TEST_API_KEYS = key_entry("deploy-tests", TEST_KEY, SCOPES)
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 
 @dataclass
@@ -99,14 +105,13 @@ def healthcheck_command(stage: Stage) -> list[str]:
 
 
 def host_env(stage: Stage, settings: Settings | None = None, **extra: str) -> dict[str, str]:
-    """The stage's ENV as the image sets it, with the image's virtualenv replaced by ours.
-
-    Once the API-key enforcement of ENVIRONMENT=production lands, its variable goes here too.
-    """
+    """The stage's ENV as the image sets it, with the image's virtualenv replaced by ours, and
+    what an operator must add: the database, Redis, and (production mode) an API key."""
     env = {**os.environ}
     for name, value in stage.env(STAGES).items():
         venv_bin = str(Path(sys.executable).parent)
         env[name] = value.replace("/opt/venv/bin", venv_bin).replace("$PATH", os.environ["PATH"])
+    env["API_KEYS"] = TEST_API_KEYS
     if settings is not None:
         env["DATABASE_URL"] = settings.database_url
         env["REDIS_URL"] = settings.redis_url

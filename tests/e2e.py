@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,14 +48,18 @@ def hypercorn(
         sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
         "--bind", f"127.0.0.1:{port}", *extra_args, app,
     ]  # fmt: skip
+    # Output goes to a file, not a pipe: a pipe nobody drains fills up and then blocks the
+    # server on its next log line. ``output(process)`` reads it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 -- kept open for output(); closed with the process object
     process = subprocess.Popen(
         command,
         cwd=ROOT,
         env={**os.environ, **env},
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=new_session,
     )
+    process.stdout = log
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(base_url, process)
@@ -67,3 +72,10 @@ def hypercorn(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def output(process: subprocess.Popen[bytes]) -> str:
+    """Everything the process has printed so far (its output is a file; see ``hypercorn``)."""
+    assert process.stdout is not None
+    process.stdout.seek(0)
+    return process.stdout.read().decode(errors="replace")

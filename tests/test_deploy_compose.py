@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from service.config import Settings
-from tests.containerfile import STAGES, healthcheck_command
+from tests.containerfile import STAGES, TEST_API_KEYS, healthcheck_command
 from tests.e2e import ROOT
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -27,8 +27,11 @@ OTHER_VARIABLES = {"HEALTHCHECK_URL"}
 
 
 def interpolate(value: str) -> str:
-    """Compose's ${NAME:-default} with nothing set: the default."""
-    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    """Compose's ${NAME:-default} with nothing set: the default; ${NAME:?error}, which compose
+    requires the operator to set: a value the code accepts (a test key for API_KEYS)."""
+    value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    required = {"API_KEYS": TEST_API_KEYS}
+    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: required[m.group(1)], value)
 
 
 def seconds(duration: str) -> float:

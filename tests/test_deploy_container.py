@@ -18,7 +18,14 @@ import pytest
 from packaging.requirements import Requirement
 
 from service.config import Settings
-from tests.containerfile import CONTAINERFILE, STAGES, exec_form, healthcheck_command, host_env
+from tests.containerfile import (
+    AUTH,
+    CONTAINERFILE,
+    STAGES,
+    exec_form,
+    healthcheck_command,
+    host_env,
+)
 from tests.e2e import ROOT, wait_until_serving
 
 LOCK = ROOT / "requirements.lock"
@@ -134,7 +141,11 @@ def test_api_image_command_serves_on_the_host(settings: Settings, port: int) -> 
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
         assert any(part.endswith(b"hypercorn") for part in cmdline), cmdline
         assert b"preflight" not in cmdline
-        response = httpx.get(f"{base_url}/users", params={"email": "nobody@example.com"})
+        refused = httpx.get(f"{base_url}/users", params={"email": "nobody@example.com"})
+        assert refused.status_code == 401  # production mode: a key is required
+        response = httpx.get(
+            f"{base_url}/users", params={"email": "nobody@example.com"}, headers=AUTH
+        )
         assert response.status_code == 200
         assert response.json()["users"] == []
         assert "server" not in response.headers  # include_server_header = false
@@ -146,12 +157,10 @@ def test_api_image_command_serves_on_the_host(settings: Settings, port: int) -> 
     assert process.returncode == 0
     lines = output.decode().splitlines()
     access = [m.groupdict() for line in lines if (m := ACCESS_LINE.search(line))]
-    assert [(a["method"], a["path"]) for a in access if a["path"] == "/users"] == [
-        ("GET", "/users")
-    ], lines
-    assert next(a for a in access if a["path"] == "/users")["status"] == "200"
+    users_lines = [a for a in access if a["path"] == "/users"]
+    assert [(a["method"], a["status"]) for a in users_lines] == [("GET", "401"), ("GET", "200")]
     assert "nobody" not in output.decode()  # no query string (an e-mail) in the log
-    users_line = next(a for a in access if a["path"] == "/users")
+    users_line = users_lines[-1]
     assert users_line["request_id"] == response.headers["x-request-id"]
 
 

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from service.db import migration_files
 from tests.conftest import free_port, with_search_path
-from tests.containerfile import STAGES, exec_form, host_env
+from tests.containerfile import AUTH, STAGES, exec_form, host_env
 from tests.e2e import ROOT, wait_until_serving
 
 
@@ -67,7 +67,7 @@ async def test_two_apis_starting_at_once_migrate_once_and_share_the_data(
         for port, process in zip(ports, processes, strict=True):
             wait_until_serving(f"http://127.0.0.1:{port}", process)
         first, second = (f"http://127.0.0.1:{port}" for port in ports)
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH) as http:
             created = await http.post(
                 f"{first}/users", json={"email": "both@example.com", "name": "B"}
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 import redis
 
 from service.config import Settings
-from tests.e2e import ROOT
+from tests.e2e import ROOT, output
 from workers import queue
 
 
@@ -28,13 +29,17 @@ def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:
 
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    # Output to a file: an undrained pipe would block the worker once it fills.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 -- kept open for output(); closed with the process object
+    process = subprocess.Popen(
         [sys.executable, "-m", "workers"],
         cwd=ROOT,
         env={**os.environ, **env},
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
+    process.stdout = log
+    return process
 
 
 def wait_for_health(
@@ -47,8 +52,7 @@ def wait_for_health(
     try:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                raise RuntimeError(f"worker exited with {process.returncode}:\n{output}")
+                raise RuntimeError(f"worker exited with {process.returncode}:\n{output(process)}")
             if client.exists(key):
                 return
             time.sleep(0.05)
@@ -66,7 +70,7 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    return process.stdout.read().decode() if process.stdout else ""
+    return output(process)
 
 
 @contextmanager
