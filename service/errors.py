@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 from quart import Quart, Response, g
 from quart_schema import RequestSchemaValidationError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,15 @@ def register_error_handlers(app: Quart) -> None:
         if status == 405 and error.get_headers():
             headers = {k: v for k, v in error.get_headers() if k.lower() == "allow"}
         return problem(status, error.description or HTTPStatus(status).phrase, headers=headers)
+
+    @app.errorhandler(RedisError)
+    async def _redis_unavailable(error: RedisError) -> Response:
+        # Routes that can do without Redis (the report, the rate limiter) catch its errors
+        # themselves; for the rest (tasks) an outage is a retryable 503, never a 500.
+        log.warning("redis unavailable: %s", type(error).__name__)
+        return problem(
+            503, "A backing service is unavailable; retry shortly.", headers={"Retry-After": "1"}
+        )
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:

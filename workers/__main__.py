@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 
 import redis.asyncio as aioredis
@@ -13,6 +15,8 @@ import redis.asyncio as aioredis
 from service.config import ConfigError, Settings, load_settings
 
 from . import queue
+
+log = logging.getLogger("workers")
 
 
 async def _healthy(settings: Settings) -> bool:
@@ -40,10 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print("worker alive" if alive else "no live worker on this queue")
         return 0 if alive else 1
 
-    from arq.worker import Worker
-
-    from .settings import worker_options
-
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -53,9 +53,42 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # uvloop is optional off Linux
         pass
-    worker = Worker(**worker_options(settings))
-    worker.run()
-    return 0
+    return run_until_stopped(settings)
+
+
+def run_until_stopped(settings: Settings) -> int:
+    """Run the arq worker until SIGTERM or SIGINT, starting it again after Redis failures.
+
+    arq's worker exits on the first Redis error in its poll loop. A worker that dies with
+    every Redis blip would need an outside supervisor to come back; this one waits (with
+    backoff) and reconnects by itself. Jobs it was running are retried by arq.
+    """
+    from arq.worker import Worker
+    from redis.exceptions import RedisError
+
+    from .settings import shutdown, worker_options
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stopping = asyncio.Event()
+    delay = 0.5
+    while True:
+        worker = Worker(**worker_options(settings))
+        try:
+            worker.run()
+            return 0  # arq returns once a signal has stopped it
+        except (RedisError, OSError) as error:
+            log.warning("worker lost Redis (%s); starting again in %.1f s", error, delay)
+        finally:
+            # arq's close() stops before its shutdown hook when Redis is gone: stop the pool.
+            loop.run_until_complete(shutdown(worker.ctx))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        with contextlib.suppress(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(stopping.wait(), delay))
+        if stopping.is_set():
+            return 0
+        delay = min(delay * 2, 5.0)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -26,17 +29,31 @@ def pool_size(settings: Settings) -> int:
     return settings.worker_processes or os.cpu_count() or 1
 
 
+def die_with_parent() -> None:
+    """Runs in each compute process: if its parent goes (the worker killed with SIGKILL takes
+    its forkserver with it), the kernel kills it too, so no orphan keeps burning a core on a
+    job that will be retried elsewhere anyway."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     size = pool_size(settings)
     # forkserver: children start from a clean process, not a fork of the running event loop.
-    ctx["pool"] = ProcessPool(max_workers=size, context=multiprocessing.get_context("forkserver"))
+    ctx["pool"] = ProcessPool(
+        max_workers=size,
+        context=multiprocessing.get_context("forkserver"),
+        initializer=die_with_parent,
+    )
     ctx["task_timeout"] = settings.task_timeout
     log.info("worker ready: %d compute processes, queue %s", size, queue.queue_name(settings))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    pool: ProcessPool | None = ctx.get("pool")
+    pool: ProcessPool | None = ctx.pop("pool", None)
     if pool is not None:
         pool.stop()  # type: ignore[no-untyped-call]
         pool.join(timeout=5)
