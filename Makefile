@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench doctor
+.PHONY: run test check fmt migrate down clean bench doctor lock scale-out
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ bench: $(VENV)/.installed
 ## doctor: check the running service (DOCTOR_ARGS='--url http://host:port') against the five causes
 doctor: $(VENV)/.installed
 	$(PY) -m service doctor $(DOCTOR_ARGS)
+
+## lock: re-resolve requirements.lock (the images install exactly it) from pyproject.toml
+lock: $(VENV)/.installed
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+		--generate-hashes --quiet --output-file requirements.lock
+
+## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
+scale-out: $(VENV)/.installed
+	$(PY) scripts/scale_out.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,4 @@
-"""Operator commands: ``python -m service migrate``, ``keygen``, ``doctor``."""
+"""Operator commands: ``python -m service migrate``, ``keygen``, ``doctor``, ``preflight``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from . import preflight
 from .config import ConfigError, load_settings
 from .db import migrate_database
 from .keys import SCOPES, generate_key, key_entry, parse_api_keys
@@ -29,6 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         "--window", type=float, default=300, help="seconds back a blocked loop counts"
     )
     doctor.add_argument("--worker-metrics-url", help="the worker's metrics (WORKER_METRICS_PORT)")
+    # deployment: the containers' entry point (service/preflight.py)
+    preflight_parser = commands.add_parser(
+        "preflight",
+        help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",
+    )
+    preflight_parser.add_argument(
+        "--needs",
+        default=",".join(preflight.DEPENDENCIES),
+        help="comma-separated dependencies to check (default: postgres,redis)",
+    )
+    preflight_parser.add_argument("--migrate", action="store_true", help="migrate first")
+    preflight_parser.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "keygen":
         return _keygen(args.name, args.scopes)
@@ -39,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    if args.command == "preflight":
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        needs = tuple(name.strip() for name in args.needs.split(",") if name.strip())
+        unknown = set(needs) - set(preflight.DEPENDENCIES)
+        if unknown or not needs:
+            parser.error(f"--needs takes {','.join(preflight.DEPENDENCIES)}, not {args.needs!r}")
+        if args.migrate and "postgres" not in needs:
+            parser.error("--migrate needs postgres")
+        return preflight.run(settings, command, needs=needs, migrate=args.migrate)
     if args.command == "migrate":
         applied = asyncio.run(migrate_database(settings))
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")

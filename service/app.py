@@ -18,6 +18,7 @@ from .logs import configure_logging
 from .observe import init_app as init_observability
 from .reports import blueprint as reports_blueprint
 from .resources import create_redis
+from .serving import install_graceful_drain
 from .taskqueue import TaskQueue
 from .tasks import blueprint as tasks_blueprint
 from .users import blueprint as users_blueprint
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(users_blueprint)
     app.register_blueprint(tasks_blueprint)
     app.register_blueprint(reports_blueprint)
+    install_graceful_drain(app)  # deployment: multi-worker Hypercorn drains on SIGTERM
 
     @app.before_serving
     async def _open_resources() -> None:

@@ -190,6 +190,9 @@ def run(extra_hypercorn_args: list[str]) -> int:
         python, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
         *extra_hypercorn_args, "service.app:create_app()",
     ]  # fmt: skip
+    if not any(arg in ("-b", "--bind") or arg.startswith("--bind=") for arg in api_cmd):
+        # hypercorn.toml binds all interfaces (for containers); a developer's stays on loopback.
+        api_cmd[-1:-1] = ["--bind", "127.0.0.1:8000"]
     worker_cmd = [python, "-m", "workers"]
     _say("starting the API (Hypercorn, hypercorn.toml) and the arq worker; Ctrl-C stops both")
     children = [

@@ -34,9 +34,16 @@ def wait_until_serving(
 
 @contextmanager
 def hypercorn(
-    port: int, env: dict[str, str], *extra_args: str, app: str = "service.app:create_app()"
+    port: int,
+    env: dict[str, str],
+    *extra_args: str,
+    app: str = "service.app:create_app()",
+    new_session: bool = False,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Hypercorn serving the app with hypercorn.toml, bound to ``port``; stopped on exit."""
+    """Hypercorn serving ``app`` with hypercorn.toml, bound to ``port``; stopped on exit.
+
+    ``new_session`` puts it in its own process group, for tests that signal the group.
+    """
     command = [
         sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
         "--bind", f"127.0.0.1:{port}", *extra_args, app,
@@ -45,7 +52,12 @@ def hypercorn(
     # server on its next log line. ``output(process)`` reads it.
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- kept open for output(); closed with the process object
     process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
     process.stdout = log
     base_url = f"http://127.0.0.1:{port}"

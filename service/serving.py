@@ -1,0 +1,66 @@
+"""Graceful shutdown of multi-worker Hypercorn: in-flight requests finish on SIGTERM.
+
+Hypercorn 0.18 with ``workers >= 1`` runs a supervisor process and worker processes. On
+SIGTERM the supervisor sets a shared event; each worker polls it, stops accepting, and lets its
+open connections finish for up to ``graceful_timeout``. But the workers themselves install no
+SIGTERM handler (they rely on the event), and as soon as the first worker has drained and
+exited, the supervisor calls ``terminate()`` on the others: a SIGTERM with the default action,
+which kills a worker that is still finishing requests. A process-group SIGTERM (`kill -TERM
+-PGID`, systemd's default ``KillMode``) kills every worker at once the same way.
+
+So each worker installs a SIGTERM handler here that does not die, and leaves the drain to
+Hypercorn, which is bounded by ``graceful_timeout``. The supervisor still exits cleanly: its
+workers are daemonic children, and multiprocessing joins them when the supervisor exits. Stop
+the server by signalling the supervisor (PID 1 in the container) or the whole process group; a
+SIGTERM sent to one worker alone is noted and otherwise ignored.
+
+Nothing is installed when Hypercorn runs the app in-process (``--workers 0``) or under a test
+client, or when anything else already handles SIGTERM: there Hypercorn's own signal handlers
+already drain, and this must not replace them.
+
+Not done here: refusing new connections the instant the signal arrives. The supervisor keeps
+the listening socket open until the first worker has exited, so a client connecting in between
+waits in the kernel's backlog and is reset when the socket closes (before any byte of a
+response: safe to retry). Shutting the shared socket down from a worker would refuse them, but
+would also break Hypercorn's SIGHUP reload, which relies on that backlog for a seamless restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+
+from quart import Quart
+
+log = logging.getLogger(__name__)
+
+
+def _is_unguarded_hypercorn_worker() -> bool:
+    # Hypercorn's supervisor starts its workers with multiprocessing, and they leave SIGTERM at
+    # its default (death). In-process serving (`--workers 0`) installs Hypercorn's own handler,
+    # which must stay; test clients run in a process with no multiprocessing parent.
+    return (
+        multiprocessing.parent_process() is not None
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+
+
+def install_graceful_drain(app: Quart) -> None:
+    """Register the serving hook that makes this worker survive SIGTERM while it drains."""
+
+    @app.before_serving
+    async def _drain_on_sigterm() -> None:
+        if not _is_unguarded_hypercorn_worker():
+            return
+
+        def _on_sigterm() -> None:
+            # Only note it. The drain itself is Hypercorn's, started by its supervisor's event.
+            # Deliberately no kill(supervisor): the supervisor's handler takes a lock around
+            # its shared event, and a second signal landing while it holds it deadlocks it.
+            if not app.extensions.get("draining"):
+                app.extensions["draining"] = True
+                log.info("SIGTERM: finishing in-flight requests (graceful_timeout bounds it)")
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _on_sigterm)
