@@ -33,6 +33,8 @@ import aiosql
 import asyncpg
 import redis
 
+from service.reports import REPORT_CACHE_KEY, REPORT_VERSION
+
 from . import client
 from .procs import Group, MemoryWatch, free_port
 from .report import (
@@ -115,9 +117,10 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--results-dir", type=Path, default=BENCH / "results")
     parser.add_argument(
         "--svc-counter",
-        default="pgstat",
-        help="how to count the service's report computations: pgstat (scans of its users "
-        "table, calibrated by one cold request), metric:NAME (a counter on /metrics), or none",
+        default="loads",
+        help="how to count the service's report computations: loads (the cache's own counter "
+        "of loader runs in Redis, exact), pgstat (scans of its users table, calibrated by one "
+        "cold request), metric:NAME (a counter on /metrics), or none",
     )
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
@@ -417,6 +420,24 @@ def metric_counter(port: int, name: str) -> Counter:
     return read
 
 
+def loads_counter(redis_url: str) -> Counter:
+    """The cache's count of report computations, across every process (service/cache.py
+    increments it for each loader run); clearing the cache resets it to nothing, read as 0."""
+    key = f"{SERVICE_REDIS_PREFIX}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}:loads"
+
+    def read() -> int | None:
+        connection = redis.Redis.from_url(redis_url)
+        try:
+            value = connection.get(key)
+        except redis.RedisError:
+            return None
+        finally:
+            connection.close()
+        return int(value or 0)  # type: ignore[arg-type]
+
+    return read
+
+
 def clear_service_cache(redis_url: str) -> None:
     """Delete every key under the service's prefix in the benchmark's private Redis."""
     connection = redis.Redis.from_url(redis_url)
@@ -523,6 +544,8 @@ def run_report_scenarios(system: System, ctx: Context, outcomes: dict[str, Outco
         counters.append(
             ("scans of users (pgstat)", pgstat_counter(ctx.bench_url, "flask_baseline"))
         )
+    elif opts.svc_counter == "loads":
+        counters.append(("the cache's loader-run counter", loads_counter(ctx.service_redis)))
     elif opts.svc_counter == "pgstat":
         counters.append(("scans of users (pgstat)", pgstat_counter(ctx.bench_url, "public")))
     elif opts.svc_counter.startswith("metric:"):
