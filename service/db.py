@@ -30,6 +30,18 @@ def load_queries(name: str) -> Any:
     return queries
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection to the pool without asyncpg's reset query.
+
+    The default runs ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on
+    every release: one more round trip per request. Pooled connections here never take
+    advisory locks (only migrations do, on their own connection), LISTEN, or SET anything
+    beyond the startup settings, so there is nothing to undo; an open transaction is still
+    rolled back by asyncpg before this runs. A handler that starts changing session state
+    must bring the reset back.
+    """
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     """Open the pool; connections carry a statement timeout so no query runs unbounded."""
     pool = await asyncpg.create_pool(
@@ -38,6 +50,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         max_size=settings.db_pool_max_size,
         timeout=settings.db_connect_timeout,
         init=installer(settings.slow_query_threshold),
+        reset=_keep_session,
         server_settings={
             "application_name": "quart-service",
             "statement_timeout": str(settings.db_statement_timeout_ms),

@@ -120,12 +120,12 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def access_entries(printed: str) -> list[dict[str, Any]]:
-    """Hypercorn's access lines: JSON objects (hypercorn.toml's logconfig_dict)."""
+def request_entries(printed: str) -> list[dict[str, Any]]:
+    """The one log line per request (service.request), from output that is all JSON lines."""
     entries = []
     for line in printed.splitlines():
         entry = json.loads(line)  # every line is JSON
-        if entry.get("logger") == "hypercorn.access":
+        if entry.get("logger") == "service.request":
             entries.append(entry)
     return entries
 
@@ -162,7 +162,7 @@ def test_api_image_command_serves_on_the_host(settings: Settings, port: int) -> 
     assert process.returncode == 0
     log.seek(0)
     printed = log.read().decode()
-    users_lines = [a for a in access_entries(printed) if a["path"] == "/users"]
+    users_lines = [a for a in request_entries(printed) if a["route"] == "/users"]
     assert [(a["method"], a["status"]) for a in users_lines] == [("GET", 401), ("GET", 200)]
     assert "nobody" not in printed  # no query string (an e-mail) in the log
     users_line = users_lines[-1]

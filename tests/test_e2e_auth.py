@@ -84,8 +84,8 @@ async def test_two_api_processes_share_the_limit_and_log_no_secret(settings: Set
     access = Counter(
         entry["status"]
         for entry in map(json.loads, logged.splitlines())
-        if entry.get("logger") == "hypercorn.access"
-        and (entry.get("method"), entry.get("path")) == ("GET", "/users")
+        if entry.get("logger") == "service.request"
+        and (entry.get("method"), entry.get("route")) == ("GET", "/users")
     )
     assert access[200] >= 6
     assert access[429] == 2
