@@ -32,7 +32,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 UNMATCHED = "<unmatched>"
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers' cpusets set)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -110,7 +111,7 @@ def init_app(app: Quart) -> None:
     @app.before_serving
     async def _start_watching() -> None:
         metrics.PROCESSES.set(1)
-        metrics.CPUS.set(_cpus())
+        metrics.CPUS.set(usable_cpus())
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         metrics.SERVER.labels(_server_name(), loop).set(1)
         await watch.start()

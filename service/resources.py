@@ -18,9 +18,11 @@ from .errors import APIError
 log = logging.getLogger(__name__)
 
 
-def create_redis(settings: Settings) -> aioredis.Redis:
-    """A Redis client with timeouts and a bounded pool that waits, rather than fails, when full."""
-    pool = aioredis.BlockingConnectionPool.from_url(
+def redis_pool(settings: Settings) -> aioredis.BlockingConnectionPool:
+    """The Redis connection pool every client here uses (the API's and the worker's): the
+    whole ``REDIS_URL`` (TLS and password options included), timeouts, and a bounded pool
+    that waits, rather than fails, when full. redis-py sets no timeouts by default."""
+    return aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_pool_max_size,
         timeout=settings.redis_pool_timeout,
@@ -28,7 +30,11 @@ def create_redis(settings: Settings) -> aioredis.Redis:
         socket_connect_timeout=settings.redis_connect_timeout,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+
+
+def create_redis(settings: Settings) -> aioredis.Redis:
+    """The API's Redis client."""
+    return aioredis.Redis(connection_pool=redis_pool(settings))
 
 
 def settings() -> Settings:

@@ -15,6 +15,7 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from service.config import Settings
+from tests.conftest import free_port
 from tests.e2e import hypercorn, output
 from tests.private_servers import private_redis
 from tests.test_tasks import exact, submit, wait_for_status
@@ -93,7 +94,11 @@ async def test_redis_down_or_hung_costs_bounded_503s_for_tasks_only_and_recovers
             name: Counter() for name in ("users", "report", "submit", "heavy")
         }
         slowest: dict[str, float] = {}
-        with worker(local), hypercorn(port, env) as (base_url, server):
+        # With its metrics port on, as in production: a restart must not bind it twice.
+        with (
+            worker(local, worker_metrics_port=free_port()),
+            hypercorn(port, env) as (base_url, server),
+        ):
             await _mixed_load(base_url, 1.5, statuses, slowest)
             healthy = {name: Counter(counts) for name, counts in statuses.items()}
             if fault == "down":

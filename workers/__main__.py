@@ -11,9 +11,11 @@ import signal
 import sys
 
 import redis.asyncio as aioredis
+from arq.worker import Worker
 
 from service.config import ConfigError, Settings, load_settings
 from service.logs import configure_logging
+from service.resources import redis_pool
 
 from . import queue
 
@@ -21,7 +23,7 @@ log = logging.getLogger("workers")
 
 
 async def _healthy(settings: Settings) -> bool:
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = aioredis.Redis(connection_pool=redis_pool(settings))
     try:
         return bool(await client.exists(queue.health_check_key(settings)))
     except Exception:
@@ -55,6 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_until_stopped(settings)
 
 
+async def _discard(worker: Worker) -> None:
+    """What arq's close() leaves behind when Redis is gone: the process pool (its shutdown
+    hook never ran), jobs still running on this loop, and its Redis pool."""
+    from .settings import shutdown
+
+    await shutdown(worker.ctx)
+    for task in worker.tasks.values():
+        task.cancel()
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    if worker._pool is not None:
+        with contextlib.suppress(Exception):
+            await worker._pool.aclose(close_connection_pool=True)
+
+
 def run_until_stopped(settings: Settings) -> int:
     """Run the arq worker until SIGTERM or SIGINT, starting it again after Redis failures.
 
@@ -62,25 +78,29 @@ def run_until_stopped(settings: Settings) -> int:
     every Redis blip would need an outside supervisor to come back; this one waits (with
     backoff) and reconnects by itself. Jobs it was running are retried by arq.
     """
-    from arq.worker import Worker
     from redis.exceptions import RedisError
 
-    from .settings import shutdown, worker_options
+    from .settings import start_metrics_server, worker_options
 
+    start_metrics_server(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     stopping = asyncio.Event()
     delay = 0.5
     while True:
         worker = Worker(**worker_options(settings))
+        # arq's own signal handler stops the worker; note it, so a signal that lands while a
+        # failed worker closes is not taken for a Redis failure to recover from.
+        worker.on_stop = lambda _signum: stopping.set()
         try:
             worker.run()
             return 0  # arq returns once a signal has stopped it
         except (RedisError, OSError) as error:
+            if stopping.is_set():
+                return 0
             log.warning("worker lost Redis (%s); starting again in %.1f s", error, delay)
         finally:
-            # arq's close() stops before its shutdown hook when Redis is gone: stop the pool.
-            loop.run_until_complete(shutdown(worker.ctx))
+            loop.run_until_complete(_discard(worker))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         with contextlib.suppress(TimeoutError):

@@ -8,18 +8,19 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
-import os
 import signal
 import sys
 from typing import Any
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 from pebble import ProcessPool
 
 from service.config import Settings, load_settings
 from service.loopwatch import LoopWatch
 from service.metrics import WORKER_POOL_SIZE
+from service.observe import usable_cpus
+from service.resources import redis_pool
 
 from . import queue
 from .jobs import heavy_task
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def pool_size(settings: Settings) -> int:
-    return settings.worker_processes or os.cpu_count() or 1
+    return settings.worker_processes or usable_cpus()
 
 
 def die_with_parent() -> None:
@@ -55,13 +56,6 @@ async def startup(ctx: dict[str, Any]) -> None:
     # Observability (issue 7): blocking detection on the worker's loop, its own metrics port.
     ctx["loopwatch"] = LoopWatch(threshold=settings.loop_block_threshold)
     await ctx["loopwatch"].start()
-    if settings.worker_metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
-        log.info(
-            "worker metrics on %s:%d", settings.worker_metrics_host, settings.worker_metrics_port
-        )
     log.info("worker ready: %d compute processes, queue %s", size, queue.queue_name(settings))
 
 
@@ -84,11 +78,34 @@ async def announce_done(ctx: dict[str, Any]) -> None:
         log.warning("could not announce job %s: %s", ctx["job_id"], error)
 
 
+def start_metrics_server(settings: Settings) -> None:
+    """Serve the worker's Prometheus metrics, once per process (not per arq restart)."""
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        log.info(
+            "worker metrics on %s:%d", settings.worker_metrics_host, settings.worker_metrics_port
+        )
+
+
+def arq_redis(settings: Settings) -> ArqRedis:
+    """arq's client over the same pool factory as the API's, so the worker honours the whole
+    ``REDIS_URL`` (arq's ``RedisSettings.from_dsn`` drops its query options and does not
+    unquote a password) and the socket timeouts (arq sets none for commands)."""
+    return ArqRedis(
+        connection_pool=redis_pool(settings),
+        job_serializer=queue.dumps,
+        job_deserializer=queue.loads,
+    )
+
+
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Everything ``arq.worker.Worker`` takes, derived from the settings."""
     return {
         "functions": [func(heavy_task, name="heavy_task", max_tries=settings.task_max_tries)],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_pool": arq_redis(settings),
         "queue_name": queue.queue_name(settings),
         "health_check_key": queue.health_check_key(settings),
         "health_check_interval": settings.worker_health_interval,
