@@ -26,8 +26,20 @@ queries = load_queries("users")
 # Ids are bigint; anything larger cannot exist, so it is a 404 rather than a database error.
 MAX_ID = 2**63 - 1
 
-Email = Annotated[EmailStr, Field(max_length=254)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Email = Annotated[
+    EmailStr,
+    Field(
+        max_length=254,
+        description="An address that can receive mail: special-use domains (.test, .local, "
+        ".invalid, .example, ...) and IP-address domains are refused.",
+    ),
+]
+# PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL),
+]
 
 
 class User(BaseModel):
@@ -52,8 +64,18 @@ class NewUser(BaseModel):
     name: Name
 
 
+def _changes_schema(schema: dict[str, Any]) -> None:
+    # Either field may be left out but neither may be null, and at least one must be given:
+    # the description says so, rather than promising that `{}` or a null is accepted.
+    schema["minProperties"] = 1
+    for field in schema.get("properties", {}).values():
+        choices = field.pop("anyOf", None)
+        if choices:
+            field.update(next(choice for choice in choices if choice.get("type") != "null"))
+
+
 class UserChanges(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_changes_schema)
 
     email: Email | None = None
     name: Name | None = None
@@ -72,7 +94,11 @@ class UsersQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: str | None = Field(
-        default=None, min_length=1, max_length=254, description="Exact e-mail, any case."
+        default=None,
+        min_length=1,
+        max_length=254,
+        pattern=NO_NUL,
+        description="Exact e-mail, any case.",
     )
     limit: int = Field(default=20, ge=1, le=100, description="Page size (keyset pagination).")
     after: str | None = Field(
