@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench
+.PHONY: run test check fmt migrate down clean bench soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ down: $(VENV)/.installed
 ## BENCH_ARGS='--quick' for a smoke run
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
+
+## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
+## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour
+soak: $(VENV)/.installed
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -31,7 +31,7 @@ Email = Annotated[
     Field(
         max_length=254,
         description="An address that can receive mail: special-use domains (.test, .local, "
-        ".invalid, .example, ...) and IP-address domains are refused.",
+        ".invalid, .localhost, .onion, .arpa) and IP-address domains are refused.",
     ),
 ]
 # PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
