@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         has_body = bool(length) or "chunked" in request.headers.get("Transfer-Encoding", "")
         if has_body and request.method in _JSON_METHODS and not request.is_json:
             raise APIError(415, "Send the body as JSON (Content-Type: application/json).")
-        if has_body and request.method in _JSON_METHODS:
+        if request.method in _JSON_METHODS:
             # Quart decodes a JSON body as UTF-8 and lets a decoding error out as a 500.
             body = await request.get_data()
             if isinstance(body, bytes):
