@@ -8,7 +8,15 @@ from datetime import datetime
 from typing import Annotated, Any, Self
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from quart import Blueprint, Response
 from quart_schema import (
     document_response,
@@ -36,9 +44,15 @@ Email = Annotated[
 ]
 # PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
 NO_NUL = r"^[^\x00]*$"
+# Whitespace (every character Python's str.strip removes, and a few invisible ones) and NUL.
+_BLANK = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
+# A name holds at least one visible character and no NUL. The limits apply to the name as sent
+# (so they are exactly what the OpenAPI description says); surrounding whitespace is then
+# removed before it is stored.
 Name = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL),
+    StringConstraints(max_length=200, pattern=rf"^[^\x00]*[^{_BLANK}][^\x00]*$"),
+    AfterValidator(str.strip),
 ]
 
 

@@ -238,3 +238,15 @@ async def test_patch_without_a_body_or_with_nulls_is_422_as_the_description_says
     changes = body["content"]["application/json"]["schema"]
     assert changes["minProperties"] == 1
     assert "null" not in str(changes["properties"])
+
+
+@pytest.mark.parametrize("name", ["\u00a0", " \t", "\u3000\u2003"])
+async def test_a_name_of_whitespace_only_is_422_as_the_description_says(
+    client: Client, name: str
+) -> None:
+    # A non-breaking space used to pass the description's minLength and fail the strip.
+    await assert_problem(await client.post("/users", json={"email": "a@b.com", "name": name}), 422)
+
+
+async def test_a_name_is_stored_without_surrounding_whitespace(client: Client) -> None:
+    assert (await make_user(client, "ada@example.com", "\u00a0 Ada \n"))["name"] == "Ada"
