@@ -171,8 +171,18 @@ def snapshot(groups: list[Group]) -> dict[int, dict[str, Any]]:
     return found
 
 
-def judge(start: dict[int, dict[str, Any]], end: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Per process present at both ends: growth of RSS and descriptors, and whether it is flat."""
+def judge(
+    start: dict[int, dict[str, Any]],
+    end: dict[int, dict[str, Any]],
+    samples: list[dict[int, dict[str, Any]]],
+) -> dict[str, Any]:
+    """Per process present at both ends: whether RSS and descriptors grew in the second half.
+
+    The baseline of each figure is the highest of the start and the samples of the first half
+    of the run: pools (asyncpg, Redis, the HTTP connections) fill up to their bounds early,
+    and that is not a leak; a leak keeps growing, so the end is over that baseline.
+    """
+    first_half = samples[: max(len(samples) // 2, 1)]
     processes = []
     for pid in sorted(start.keys() | end.keys()):
         before, after = start.get(pid), end.get(pid)
@@ -181,15 +191,19 @@ def judge(start: dict[int, dict[str, Any]], end: dict[int, dict[str, Any]]) -> d
             entry["note"] = "started during the soak" if before is None else "ended during the soak"
             processes.append(entry)
             continue
-        rss_limit = before["rss_kb"] * (1 + RSS_GROWTH_FRACTION) + RSS_GROWTH_SLACK_KB
+        seen = [before, *(sample[pid] for sample in first_half if pid in sample)]
+        rss_base = max(figures["rss_kb"] for figures in seen)
+        fds_base = max(figures["fds"] for figures in seen)
         entry.update(
             rss_start_kb=before["rss_kb"],
+            rss_baseline_kb=rss_base,
             rss_end_kb=after["rss_kb"],
             rss_growth_kb=after["rss_kb"] - before["rss_kb"],
             fds_start=before["fds"],
+            fds_baseline=fds_base,
             fds_end=after["fds"],
-            rss_flat=after["rss_kb"] <= rss_limit,
-            fds_flat=after["fds"] - before["fds"] <= FD_GROWTH,
+            rss_flat=after["rss_kb"] <= rss_base * (1 + RSS_GROWTH_FRACTION) + RSS_GROWTH_SLACK_KB,
+            fds_flat=after["fds"] - fds_base <= FD_GROWTH,
         )
         processes.append(entry)
     measured = [p for p in processes if "rss_flat" in p]
@@ -201,6 +215,7 @@ def judge(start: dict[int, dict[str, Any]], end: dict[int, dict[str, Any]]) -> d
             "rss_growth_fraction": RSS_GROWTH_FRACTION,
             "rss_growth_slack_kb": RSS_GROWTH_SLACK_KB,
             "fd_growth": FD_GROWTH,
+            "baseline": "highest of the start and the first half's samples",
         },
     }
 
@@ -279,10 +294,33 @@ def render_processes(verdict: dict[str, Any]) -> str:
         flat = "yes" if p["rss_flat"] and p["fds_flat"] else "NO"
         lines.append(
             f"{p['pid']:>8}  {p['role']:<34} {p['rss_start_kb'] / 1024:>8.1f}MB "
-            f"{p['rss_end_kb'] / 1024:>8.1f}MB {p['rss_growth_kb'] / 1024:>+7.1f}M "
-            f"{p['fds_start']:>4}->{p['fds_end']:<4}  {flat}"
+            f"{p['rss_baseline_kb'] / 1024:>8.1f}MB {p['rss_end_kb'] / 1024:>8.1f}MB "
+            f"{p['rss_growth_kb'] / 1024:>+7.1f}M "
+            f"{p['fds_start']:>6}/{p['fds_baseline']}/{p['fds_end']:<6}  {flat}"
         )
     return "\n".join(lines)
+
+
+def drift(intervals: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per load: requests in all, and the median p50 and p99 of the first and the last third
+    of the intervals (latency that creeps up over the run shows here)."""
+    summary: dict[str, dict[str, Any]] = {}
+    third = max(len(intervals) // 3, 1)
+    for name in LOADS:
+        loads = [i["loads"][name] for i in intervals]
+
+        def median(values: list[float]) -> float:
+            ordered = sorted(values)
+            return round(ordered[len(ordered) // 2], 1) if ordered else 0.0
+
+        summary[name] = {
+            "requests": sum(load["requests"] for load in loads),
+            "p50_ms_first_third": median([load["p50_ms"] for load in loads[:third]]),
+            "p50_ms_last_third": median([load["p50_ms"] for load in loads[-third:]]),
+            "p99_ms_first_third": median([load["p99_ms"] for load in loads[:third]]),
+            "p99_ms_last_third": median([load["p99_ms"] for load in loads[-third:]]),
+        }
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("interrupted: every process the soak started has been stopped")
         return 130
 
-    verdict = judge(start, end)
+    verdict = judge(start, end, [sample["processes"] for sample in samples])
     total_errors = sum(sum(i["errors"].values()) for i in intervals)
     deliberate_503 = sum(
         int(load.get("statuses", {}).get("503", 0))
@@ -366,6 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_average_before"] = [round(v, 2) for v in load_before]
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
 
+    verdict["latency"] = drift(intervals)
+    print()
+    for name, figures in verdict["latency"].items():
+        print(
+            f"{name:<7} {figures['requests']:>8} requests; median p50 "
+            f"{figures['p50_ms_first_third']} -> {figures['p50_ms_last_third']} ms, median p99 "
+            f"{figures['p99_ms_first_third']} -> {figures['p99_ms_last_third']} ms "
+            "(first third -> last third of the intervals)"
+        )
     print()
     print(render_processes(verdict))
     print(
