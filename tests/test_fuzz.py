@@ -43,6 +43,10 @@ SEEDED_USERS = 20
 
 
 def _served_description() -> dict[str, Any]:
+    # What the service serves at /openapi.json (a test checks the two are equal), built here
+    # at import, since schemathesis parametrizes its tests at collection. Its fixture-based
+    # loader (schemathesis.pytest.from_fixture) would fetch it from the running service, but
+    # fails on pytest 9.2 ("'Function' object has no attribute '_nodeid'").
     app = create_app(load_settings(**FUZZ_SETTINGS))
     document = app.extensions["QUART_SCHEMA"].openapi_provider.schema()
     loaded: dict[str, Any] = json.loads(app.json.dumps(document))
