@@ -234,6 +234,17 @@ def wrk_command(port: int, name: str, seconds: int, opts: Options) -> list[str]:
     ]  # fmt: skip
 
 
+def ended(groups: list[Group]) -> str:
+    """Which of the service's processes have exited, and how (empty while all run)."""
+    gone = []
+    for group in groups:
+        code = group.process.poll()
+        if code is not None:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            gone.append(f"{group.name} ended ({how}; see {group.log.relative_to(ROOT)})")
+    return "; ".join(gone)
+
+
 def run_interval(port: int, seconds: int, opts: Options) -> dict[str, Load]:
     """Every load side by side for ``seconds``; each one's figures."""
     running: dict[str, subprocess.Popen[str]] = {}
@@ -334,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_database(server_url, soak_url, opts.users)
 
     started: list[Group] = []
+    aborted = ""  # why the soak stopped before its time, if it did
     intervals: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     try:
@@ -366,8 +378,16 @@ def main(argv: list[str] | None = None) -> int:
             began = time.monotonic()
             index = 0
             while time.monotonic() - began < opts.duration - 1:
+                stopped = ended(system.groups)
+                if stopped:
+                    aborted = stopped
+                    break
                 seconds = min(opts.interval, round(opts.duration - (time.monotonic() - began)))
-                loads = run_interval(system.port, max(seconds, 1), opts)
+                try:
+                    loads = run_interval(system.port, max(seconds, 1), opts)
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    aborted = ended(system.groups) or str(error).splitlines()[0]
+                    break
                 index += 1
                 elapsed = time.monotonic() - began
                 processes = snapshot(system.groups)
@@ -383,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples.append({"elapsed_s": round(elapsed, 1), "processes": processes})
                 print(render_interval(index, elapsed, loads), flush=True)
             end = snapshot(system.groups)
-            for group in system.groups:
-                if not group.alive():
-                    raise RuntimeError(f"{group.name} exited during the soak; see {group.log}")
+            aborted = aborted or ended(system.groups)
     except KeyboardInterrupt:
         _say("interrupted: every process the soak started has been stopped")
         return 130
@@ -399,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     verdict["errors"] = total_errors
     verdict["deliberate_503"] = deliberate_503
-    verdict["flat"] = verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0
+    verdict["aborted"] = aborted
+    verdict["flat"] = (
+        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not aborted
+    )
     machine = machine_info(soak_url, None)
     machine["load_average_before"] = [round(v, 2) for v in load_before]
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
@@ -421,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         f"descriptors flat: {'yes' if verdict['fds_flat'] else 'NO'}; "
         f"verdict: {'FLAT' if verdict['flat'] else 'NOT FLAT'}"
     )
+    if aborted:
+        print(f"the soak stopped early: {aborted}")
     print(
         f"load average (1, 5, 15 min): before {machine['load_average_before']}, "
         f"after {machine['load_average_after']}"

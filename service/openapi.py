@@ -17,6 +17,7 @@ from quart_schema.openapi import OpenAPIProvider
 
 from .config import Settings
 from .errors import PROBLEM_JSON
+from .keys import parse_api_keys
 
 # The probes: no key, no rate limit, nothing to validate (see service/auth.py OPEN_PATHS).
 _PROBES = frozenset({"/healthz", "/readyz"})
@@ -151,6 +152,28 @@ def _apply_task_limit(document: dict[str, Any], max_n: int) -> None:
             n_schema["maximum"] = max_n
 
 
+SECURITY_SCHEME = "apiKey"
+
+
+def _apply_security(document: dict[str, Any]) -> None:
+    # Declared only when the service has keys: an open service (development without API_KEYS)
+    # would otherwise be described as needing one. Scopes are not expressible for a bearer
+    # scheme in OpenAPI; the description of the scheme says which scope each method needs.
+    document["components"]["securitySchemes"] = {
+        SECURITY_SCHEME: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key (API_KEYS) as `Authorization: Bearer <key>`. GET and HEAD "
+            "need the `read` scope; POST, PUT, PATCH and DELETE `write`; /metrics and the docs "
+            "`admin`. The probes need none.",
+        }
+    }
+    document["security"] = [{SECURITY_SCHEME: []}]
+    for path in _PROBES:
+        for operation in document["paths"].get(path, {}).values():
+            operation["security"] = []
+
+
 class ServiceOpenAPIProvider(OpenAPIProvider):
     """quart-schema's description, plus the problem responses of every operation."""
 
@@ -158,6 +181,8 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
         document = super().schema()
         settings: Settings = self._app.extensions["settings"]
         _apply_task_limit(document, settings.task_max_n)
+        if parse_api_keys(settings.api_keys):
+            _apply_security(document)
         document["components"]["schemas"]["Problem"] = PROBLEM_SCHEMA
         for path, operations in document["paths"].items():
             for method, operation in operations.items():

@@ -1,10 +1,13 @@
 """Fuzzing from the OpenAPI description: schemathesis over every operation of /openapi.json,
 against the real service (Hypercorn with hypercorn.toml, and an arq worker).
 
-The service runs in development mode without API keys, so every generated request reaches the
-route it is meant for instead of stopping at a 401 (keys and scopes have their own tests in
-test_auth.py and test_e2e_auth.py). TASK_MAX_N is small, so generated tasks cost the worker
-little. Every run sends the same cases (derandomized): a failure here reproduces on the next run.
+The service runs with API keys, as in production, and schemathesis sends a key holding every
+scope on each request: every generated request reaches the route it is meant for (rather than
+stopping at a 401), and the description declares the bearer scheme, so the ignored_auth check
+also sends requests without the key, or with a wrong one, and requires a 401. Rate limits stay
+off (development mode), since fuzzing would spend them. TASK_MAX_N is small, so generated tasks
+cost the worker little. Every run sends the same cases (derandomized): a failure here
+reproduces on the next run.
 
 Bugs it found are fixed in the service and kept as regular tests next to the code they concern
 (test_users.py, test_tasks.py, test_openapi.py), so they read without schemathesis.
@@ -34,11 +37,18 @@ from service.app import create_app
 from service.config import load_settings
 from service.db import migrate
 from service.errors import PROBLEM_JSON
+from service.keys import generate_key, key_entry
 from tests.conftest import free_port, with_search_path
 from tests.e2e import hypercorn
 from tests.workers import settings_env, worker
 
-FUZZ_SETTINGS = {"task_max_n": 10**5, "task_wait": 2}
+KEY = generate_key()
+AUTHORIZATION = {"Authorization": f"Bearer {KEY}"}
+FUZZ_SETTINGS = {
+    "task_max_n": 10**5,
+    "task_wait": 2,
+    "api_keys": key_entry("fuzz", KEY, ("read", "write", "admin")),
+}
 SEEDED_USERS = 20
 
 
@@ -60,6 +70,7 @@ ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "503"]
 
 CONFIG = schemathesis.Config.from_dict(
     {
+        "headers": AUTHORIZATION,
         "generation": {"mode": "all", "max-examples": 10, "deterministic": True},
         "checks": {
             # A 503 passes here; deliberate_503_only then requires Retry-After and problem+json.
@@ -173,7 +184,9 @@ def live(service_urls: dict[str, str]) -> Iterator[LiveService]:
             # answer with a user, not only 404s.
             for i in range(SEEDED_USERS):
                 created = httpx.post(
-                    f"{base_url}/users", json={"email": f"fuzz{i}@example.com", "name": f"F{i}"}
+                    f"{base_url}/users",
+                    json={"email": f"fuzz{i}@example.com", "name": f"F{i}"},
+                    headers=AUTHORIZATION,
                 )
                 assert created.status_code == 201, created.text
             yield LiveService(base_url, settings.database_url)
@@ -196,7 +209,7 @@ def test_every_operation_conforms(case: Case[Any], live: LiveService) -> None:
 
 
 def test_the_fuzzed_description_is_the_served_one(live: LiveService) -> None:
-    served = httpx.get(f"{live.base_url}/openapi.json", timeout=10).json()
+    served = httpx.get(f"{live.base_url}/openapi.json", headers=AUTHORIZATION, timeout=10).json()
     assert served == DESCRIPTION
     operations = {(m, p) for p, ops in served["paths"].items() for m in ops}
     fuzzed = set()

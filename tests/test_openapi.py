@@ -6,6 +6,10 @@ from typing import Any
 
 from quart.typing import TestClientProtocol as Client
 
+from service.app import create_app
+from service.config import Settings
+from service.keys import generate_key, key_entry
+
 PROBLEM = "application/problem+json"
 
 
@@ -59,3 +63,25 @@ async def test_the_problem_schema_describes_the_bodies(client: Client) -> None:
     assert set(problem["required"]) == {"type", "title", "status", "detail"}
     body = await (await client.get("/users/0")).get_json()
     assert set(problem["required"]) <= body.keys() <= set(problem["properties"])
+
+
+async def test_the_bearer_scheme_is_declared_only_when_keys_are_configured(
+    client: Client, settings: Settings
+) -> None:
+    open_document = await description(client)
+    assert "security" not in open_document
+    assert "securitySchemes" not in open_document["components"]
+
+    key = generate_key()
+    closed = create_app(settings.model_copy(update={"api_keys": key_entry("ops", key, ("admin",))}))
+    async with closed.test_app() as test_app:
+        response = await test_app.test_client().get(
+            "/openapi.json", headers={"Authorization": f"Bearer {key}"}
+        )
+        document = await response.get_json()
+    assert document["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert document["security"] == [{"apiKey": []}]
+    # The probes need no key.
+    assert document["paths"]["/healthz"]["get"]["security"] == []
+    assert document["paths"]["/readyz"]["get"]["security"] == []
+    assert "security" not in document["paths"]["/users"]["get"]
