@@ -296,7 +296,8 @@ def render_interval(index: int, elapsed: float, loads: dict[str, Load]) -> str:
 
 def render_processes(verdict: dict[str, Any]) -> str:
     lines = [
-        f"{'pid':>8}  {'role':<34} {'RSS start':>10} {'RSS end':>10} {'growth':>8} {'fds':>9}  flat"
+        f"{'pid':>8}  {'role':<34} {'RSS start':>10} {'baseline':>10} {'RSS end':>10} "
+        f"{'growth':>8} {'fds start/base/end':>20}  flat"
     ]
     for p in verdict["processes"]:
         if "note" in p:
@@ -307,7 +308,7 @@ def render_processes(verdict: dict[str, Any]) -> str:
             f"{p['pid']:>8}  {p['role']:<34} {p['rss_start_kb'] / 1024:>8.1f}MB "
             f"{p['rss_baseline_kb'] / 1024:>8.1f}MB {p['rss_end_kb'] / 1024:>8.1f}MB "
             f"{p['rss_growth_kb'] / 1024:>+7.1f}M "
-            f"{p['fds_start']:>6}/{p['fds_baseline']}/{p['fds_end']:<6}  {flat}"
+            f"{p['fds_start']:>12}/{p['fds_baseline']}/{p['fds_end']:<4}  {flat}"
         )
     return "\n".join(lines)
 
@@ -343,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     server_url, bench_url = database_urls()
     soak_url = soak_database_url(bench_url)
     prepare_database(server_url, soak_url, opts.users)
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
 
     started: list[Group] = []
     aborted = ""  # why the soak stopped before its time, if it did
@@ -422,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not aborted
     )
     machine = machine_info(soak_url, None)
+    machine["commit"] = commit  # the one measured, not what the tree holds by the end
     machine["load_average_before"] = [round(v, 2) for v in load_before]
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
 
