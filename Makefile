@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench doctor lock scale-out
+.PHONY: run test check fmt migrate down clean bench soak doctor lock scale-out
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ lock: $(VENV)/.installed
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
 scale-out: $(VENV)/.installed
 	$(PY) scripts/scale_out.py
+
+## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
+## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour
+soak: $(VENV)/.installed
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -16,6 +16,7 @@ from .errors import APIError, register_error_handlers
 from .health import blueprint as health_blueprint
 from .logs import configure_logging
 from .observe import init_app as init_observability
+from .openapi import ServiceOpenAPIProvider
 from .reports import blueprint as reports_blueprint
 from .resources import create_redis
 from .serving import install_graceful_drain
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         swagger_ui_path="/docs",
         redoc_ui_path=None,
         scalar_ui_path=None,
+        openapi_provider_class=ServiceOpenAPIProvider,  # documents the problem responses
     )
     # quart-schema wraps make_response to pass every returned value (and its headers) through
     # a pydantic TypeAdapter built anew each time: about 7% of a users lookup under load. The
@@ -101,6 +103,14 @@ def create_app(settings: Settings | None = None) -> Quart:
         has_body = bool(length) or "chunked" in request.headers.get("Transfer-Encoding", "")
         if has_body and request.method in _JSON_METHODS and not request.is_json:
             raise APIError(415, "Send the body as JSON (Content-Type: application/json).")
+        if request.method in _JSON_METHODS:
+            # Quart decodes a JSON body as UTF-8 and lets a decoding error out as a 500.
+            body = await request.get_data()
+            if isinstance(body, bytes):
+                try:
+                    body.decode()
+                except UnicodeDecodeError:
+                    raise APIError(400, "The body is not valid UTF-8.") from None
 
     @app.after_request
     async def _add_request_id(response: Response) -> Response:

@@ -27,10 +27,18 @@ class NewTask(BaseModel):
     n: int = Field(ge=1, description="Sum the squares of 0 <= i < n. At most TASK_MAX_N.")
 
 
+# The Flask route's n; a TASK_MAX_N below it lowers the default to TASK_MAX_N.
+HEAVY_TASK_DEFAULT_N = 10**7
+
+
 class HeavyTaskQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n: int = Field(default=10**7, ge=1, description="Sum the squares of 0 <= i < n.")
+    n: int = Field(
+        default=HEAVY_TASK_DEFAULT_N,
+        ge=1,
+        description="Sum the squares of 0 <= i < n. At most TASK_MAX_N.",
+    )
 
 
 class TaskModel(BaseModel):
@@ -51,7 +59,10 @@ class HeavyTaskResult(BaseModel):
 
 class SubmitHeaders(BaseModel):
     idempotency_key: str | None = Field(
-        default=None, description="Retrying a POST with the same key returns the same task."
+        default=None,
+        pattern=_IDEMPOTENCY_KEY.pattern,
+        description="Retrying a POST with the same key returns the same task (1 to 255 visible "
+        "ASCII characters).",
     )
 
 
@@ -165,11 +176,18 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
     """The Flask route: the sum of squares below n (default 10**7). The work runs on a worker;
     this waits for it (up to TASK_WAIT) without blocking, answering `{"result": ...}`, or 202
     with the task's Location when the wait runs out."""
-    _check_n(query_args.n)
-    task, _created = await _submit(query_args.n)
+    n = query_args.n
+    if "n" not in query_args.model_fields_set:
+        n = min(n, settings().task_max_n)
+    _check_n(n)
+    task, _created = await _submit(n)
     finished = await task_queue().wait(task.id, settings().task_wait)
     if finished is None:
-        raise APIError(503, "The task's result expired before it was read.")
+        raise APIError(
+            503,
+            "The task's result expired before it was read.",
+            headers={"Retry-After": str(settings().task_retry_after)},
+        )
     if finished.status == "complete":
         return {"result": finished.result}
     if finished.status == "failed":

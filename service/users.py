@@ -8,7 +8,15 @@ from datetime import datetime
 from typing import Annotated, Any, Self
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from quart import Blueprint, Response
 from quart_schema import (
     document_response,
@@ -26,8 +34,26 @@ queries = load_queries("users")
 # Ids are bigint; anything larger cannot exist, so it is a 404 rather than a database error.
 MAX_ID = 2**63 - 1
 
-Email = Annotated[EmailStr, Field(max_length=254)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Email = Annotated[
+    EmailStr,
+    Field(
+        max_length=254,
+        description="An address that can receive mail: special-use domains (.test, .local, "
+        ".invalid, .localhost, .onion, .arpa) and IP-address domains are refused.",
+    ),
+]
+# PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
+NO_NUL = r"^[^\x00]*$"
+# Whitespace (every character Python's str.strip removes, and a few invisible ones) and NUL.
+_BLANK = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
+# A name holds at least one visible character and no NUL. The limits apply to the name as sent
+# (so they are exactly what the OpenAPI description says); surrounding whitespace is then
+# removed before it is stored.
+Name = Annotated[
+    str,
+    StringConstraints(max_length=200, pattern=rf"^[^\x00]*[^{_BLANK}][^\x00]*$"),
+    AfterValidator(str.strip),
+]
 
 
 class User(BaseModel):
@@ -52,8 +78,18 @@ class NewUser(BaseModel):
     name: Name
 
 
+def _changes_schema(schema: dict[str, Any]) -> None:
+    # Either field may be left out but neither may be null, and at least one must be given:
+    # the description says so, rather than promising that `{}` or a null is accepted.
+    schema["minProperties"] = 1
+    for field in schema.get("properties", {}).values():
+        choices = field.pop("anyOf", None)
+        if choices:
+            field.update(next(choice for choice in choices if choice.get("type") != "null"))
+
+
 class UserChanges(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_changes_schema)
 
     email: Email | None = None
     name: Name | None = None
@@ -72,7 +108,11 @@ class UsersQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: str | None = Field(
-        default=None, min_length=1, max_length=254, description="Exact e-mail, any case."
+        default=None,
+        min_length=1,
+        max_length=254,
+        pattern=NO_NUL,
+        description="Exact e-mail, any case.",
     )
     limit: int = Field(default=20, ge=1, le=100, description="Page size (keyset pagination).")
     after: str | None = Field(

@@ -114,3 +114,37 @@ def test_render_and_json_show_skipped_scenarios_with_their_reason() -> None:
     saved = json.loads(json.dumps(to_json(results, {}, targets, {"cores": 2}, {"users": 10})))
     assert saved["results"]["flask"]["stampede"]["computations"] == 16
     assert saved["results"]["service"]["stampede"]["status"] == "skipped"
+
+
+def _proc(rss_kb: int, fds: int) -> dict[str, object]:
+    return {"role": "hypercorn", "rss_kb": rss_kb, "fds": fds}
+
+
+def test_soak_judges_growth_after_the_first_half_only() -> None:
+    from bench.soak import judge
+
+    start = {1: _proc(60_000, 20), 2: _proc(60_000, 20)}
+    # Process 1 fills its pools early and then stays; process 2 keeps growing to the end.
+    samples = [
+        {1: _proc(61_000, 30), 2: _proc(61_000, 21)},
+        {1: _proc(61_500, 30), 2: _proc(70_000, 40)},
+        {1: _proc(61_500, 31), 2: _proc(90_000, 60)},
+        {1: _proc(61_600, 30), 2: _proc(120_000, 80)},
+    ]
+    verdict = judge(start, samples[-1], samples)
+    one, two = verdict["processes"]
+    assert one["rss_flat"]
+    assert one["fds_flat"]
+    assert not two["rss_flat"]
+    assert not two["fds_flat"]
+    assert verdict["rss_flat"] is False
+    assert verdict["fds_flat"] is False
+    assert one["fds_baseline"] == 30
+
+
+def test_soak_lists_processes_that_came_or_went_without_judging_them() -> None:
+    from bench.soak import judge
+
+    verdict = judge({1: _proc(1000, 5)}, {1: _proc(1000, 5), 2: _proc(9000, 9)}, [])
+    assert verdict["processes"][1]["note"] == "started during the soak"
+    assert verdict["rss_flat"] is True

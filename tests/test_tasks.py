@@ -293,3 +293,38 @@ def test_health_command_tells_whether_a_worker_lives(settings: Settings) -> None
     assert health() == 1
     with worker(settings):
         assert health() == 0
+
+
+# Found by the fuzzer (tests/test_fuzz.py), kept as regular tests:
+
+
+async def test_a_task_max_n_below_the_default_lowers_heavy_task_default_n(
+    make_client: ClientFactory,
+) -> None:
+    # With TASK_MAX_N under 10**7, /heavy-task without n used to refuse its own default (422).
+    async with make_client(task_max_n=1000, task_wait=0) as client:
+        response = await client.get("/heavy-task")
+        assert response.status_code == 202, await response.get_data()
+        assert (await response.get_json())["n"] == 1000
+        await assert_n_limit_documented(client, 1000)
+
+
+async def assert_n_limit_documented(client: Client, limit: int) -> None:
+    description = await (await client.get("/openapi.json")).get_json()
+    (n_param,) = description["paths"]["/heavy-task"]["get"]["parameters"]
+    assert n_param["schema"]["maximum"] == limit
+    assert n_param["schema"]["default"] == limit
+    body = description["paths"]["/tasks"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["properties"]["n"]["maximum"] == limit
+
+
+async def test_the_idempotency_key_rule_is_in_the_description(client: Client) -> None:
+    description = await (await client.get("/openapi.json")).get_json()
+    (header,) = [
+        p for p in description["paths"]["/tasks"]["post"]["parameters"] if p["in"] == "header"
+    ]
+    pattern = str(header["schema"])
+    assert "x21-" in pattern
+    assert "255" in pattern
+    response = await client.post("/tasks", json={"n": 10}, headers={"Idempotency-Key": "a b"})
+    assert response.status_code == 422

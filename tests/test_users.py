@@ -199,3 +199,54 @@ async def test_request_id_is_echoed_or_made(client: Client) -> None:
     made = await client.get("/healthz", headers={"X-Request-ID": "bad id <script>"})
     assert made.headers["X-Request-ID"] not in ("", "bad id <script>")
     assert len(made.headers["X-Request-ID"]) == 32
+
+
+# Found by the fuzzer (tests/test_fuzz.py), kept as regular tests:
+
+
+async def test_a_body_that_is_not_utf8_is_a_400_not_a_500(client: Client) -> None:
+    for raw in (b"\xa3I\xff", b'{"email": "ada@example.com", "name": "\xff"}'):
+        response = await client.post(
+            "/users", data=raw, headers={"Content-Type": "application/json"}
+        )
+        await assert_problem(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload"),
+    [
+        ("GET", "/users", {"query_string": {"email": "ada\x00@example.com"}}),
+        ("POST", "/users", {"json": {"email": "ada@example.com", "name": "A\x00da"}}),
+    ],
+)
+async def test_a_nul_character_is_a_422_not_a_database_error(
+    client: Client, method: str, path: str, payload: dict[str, Any]
+) -> None:
+    # PostgreSQL text cannot hold NUL: it used to reach the database and come back as a 500.
+    await assert_problem(await client.open(path, method=method, **payload), 422)
+
+
+async def test_patch_without_a_body_or_with_nulls_is_422_as_the_description_says(
+    client: Client,
+) -> None:
+    user = await make_user(client, "ada@example.com")
+    await assert_problem(await client.patch(f"/users/{user['id']}"), 422)
+    await assert_problem(await client.patch(f"/users/{user['id']}", json={"email": None}), 422)
+    description = await (await client.get("/openapi.json")).get_json()
+    body = description["paths"]["/users/{user_id}"]["patch"]["requestBody"]
+    assert body["required"] is True
+    changes = body["content"]["application/json"]["schema"]
+    assert changes["minProperties"] == 1
+    assert "null" not in str(changes["properties"])
+
+
+@pytest.mark.parametrize("name", ["\u00a0", " \t", "\u3000\u2003"])
+async def test_a_name_of_whitespace_only_is_422_as_the_description_says(
+    client: Client, name: str
+) -> None:
+    # A non-breaking space used to pass the description's minLength and fail the strip.
+    await assert_problem(await client.post("/users", json={"email": "a@b.com", "name": name}), 422)
+
+
+async def test_a_name_is_stored_without_surrounding_whitespace(client: Client) -> None:
+    assert (await make_user(client, "ada@example.com", "\u00a0 Ada \n"))["name"] == "Ada"

@@ -6,6 +6,10 @@ SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = :name);
 -- The benchmark's own database, so a run never touches anyone else's tables.
 CREATE DATABASE bench;
 
+-- name: create_soak_database()#
+-- The soak's own database (bench/soak.py), so its writes never change the benchmark's tables.
+CREATE DATABASE soak;
+
 -- name: count_service_users()$
 -- Rows in the service's users table (public schema of the bench database).
 SELECT count(*) FROM public.users;

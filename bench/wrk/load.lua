@@ -3,12 +3,15 @@
 --               number of seeded users, DOMAINS the comma-separated domain slots (user i has
 --               the e-mail user<i>@<slot[i % #slots]>, as bench/sql/seed.sql writes it);
 --   MODE path:  GET PATH on every request.
+--   MODE create: POST /users with a new e-mail on every request (soak-<seed>-<k>@soakmail.com;
+--               the seed differs per thread and per run, so no two requests collide).
 -- With BENCH_COUNT_STATUS=1 in the environment every response's status is counted (it costs
 -- a little client CPU, so the users load leaves it off and relies on wrk's own error count).
 -- At the end one line `BENCH_JSON {...}` carries the figures for bench/report.py to parse.
 
 local threads = {}
 local mode, users, slots, path = "path", 1, {}, "/"
+local created, run_seed = 0, 0
 statuses = {}
 
 function setup(thread)
@@ -25,6 +28,7 @@ function init(args)
    -- Each thread has its own Lua state: seed each differently.
    local seed = tonumber(tostring({}):match("0x(%x+)") or "1", 16) or 1
    math.randomseed(os.time() + seed)
+   run_seed = math.random(1, 2^31)
 end
 
 function request()
@@ -32,6 +36,12 @@ function request()
       local i = math.random(1, users)
       local domain = slots[(i % #slots) + 1]
       return wrk.format("GET", "/users?email=user" .. i .. "%40" .. domain)
+   end
+   if mode == "create" then
+      created = created + 1
+      local body = string.format(
+         '{"email":"soak-%d-%d@soakmail.com","name":"Soak %d"}', run_seed, created, created)
+      return wrk.format("POST", "/users", {["Content-Type"] = "application/json"}, body)
    end
    return wrk.format("GET", path)
 end
