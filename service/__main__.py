@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from . import preflight
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         "--window", type=float, default=300, help="seconds back a blocked loop counts"
     )
     doctor.add_argument("--worker-metrics-url", help="the worker's metrics (WORKER_METRICS_PORT)")
+    doctor.add_argument(
+        "--api-key-env",
+        default="DOCTOR_API_KEY",
+        help="environment variable holding an admin API key, for a deployment that enforces keys "
+        "(default: DOCTOR_API_KEY); a key is never taken on the command line, where ps shows it",
+    )
     # deployment: the containers' entry point (service/preflight.py)
     preflight_parser = commands.add_parser(
         "preflight",
@@ -69,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
         checks = asyncio.run(
             diagnose(
-                settings, args.url, window=args.window, worker_metrics_url=args.worker_metrics_url
+                settings,
+                args.url,
+                window=args.window,
+                worker_metrics_url=args.worker_metrics_url,
+                api_key=os.environ.get(args.api_key_env) or None,
             )
         )
         print(render_table(checks))

@@ -275,8 +275,16 @@ class Cache:
         """Run one Redis command within ``op_timeout``; any failure marks an outage.
 
         redis-py >= 4.5.4 (CVE-2023-28858/28859) drops a connection whose command was cancelled
-        mid-flight, so a timeout here cannot hand a late reply to the next command.
+        mid-flight, so a timeout here cannot hand a late reply to the next command. Once a
+        command has failed, the ones after it (storing, counting, releasing the lock) are not
+        sent until ``retry_interval`` has passed, so a request pays the timeout once, not once
+        per command; a lock left so expires by itself.
         """
+        if time.monotonic() < self._skip_until:
+            close = getattr(command, "close", None)
+            if close is not None:
+                close()  # never sent: no "coroutine was never awaited" warning
+            raise _RedisUnavailable
         try:
             async with asyncio.timeout(self.op_timeout):
                 result = await command

@@ -147,6 +147,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _pool_bounds(self) -> Self:
+        # asyncpg would refuse it only when the pool opens, inside a Hypercorn worker, whose
+        # supervisor then exits 0 (pgjones/hypercorn#269): refuse it here, naming both.
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError(
+                f"DB_POOL_MIN_SIZE ({self.db_pool_min_size}) must not exceed "
+                f"DB_POOL_MAX_SIZE ({self.db_pool_max_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _closed_in_production(self) -> Self:
         if self.environment == "production" and not parse_api_keys(self.api_keys):
             raise ValueError(

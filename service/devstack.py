@@ -196,8 +196,10 @@ def run(extra_hypercorn_args: list[str]) -> int:
     worker_cmd = [python, "-m", "workers"]
     _say("starting the API (Hypercorn, hypercorn.toml) and the arq worker; Ctrl-C stops both")
     children = [
-        subprocess.Popen(api_cmd, env=env, cwd=ROOT),
-        subprocess.Popen(worker_cmd, env=env, cwd=ROOT),
+        # Own sessions: a Ctrl-C reaches only this process, which then stops each child once
+        # (a second signal can hang Hypercorn's supervisor inside its shutdown handler).
+        subprocess.Popen(api_cmd, env=env, cwd=ROOT, start_new_session=True),
+        subprocess.Popen(worker_cmd, env=env, cwd=ROOT, start_new_session=True),
     ]
 
     def _forward(signum: int, _frame: object) -> None:
@@ -205,8 +207,9 @@ def run(extra_hypercorn_args: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
+    # The children have sessions of their own, so a closed terminal (SIGHUP) is forwarded too.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _forward)
     # When one stops, stop the other: a service with half its processes is not running.
     while all(child.poll() is None for child in children):
         time.sleep(0.2)

@@ -50,8 +50,11 @@ class Check:
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def _get(url: str, timeout: float) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"User-Agent": "service-doctor"})  # noqa: S310
+def _get(url: str, timeout: float, api_key: str | None = None) -> tuple[int, bytes]:
+    headers = {"User-Agent": "service-doctor"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             return int(response.status), response.read()
@@ -283,14 +286,18 @@ async def diagnose(
     window: float = 300.0,
     worker_metrics_url: str | None = None,
     request_timeout: float = 5.0,
+    api_key: str | None = None,
 ) -> list[Check]:
-    """Run every check; a check that cannot run is a fail saying why."""
+    """Run every check; a check that cannot run is a fail saying why. ``api_key`` (with the
+    admin scope) is needed where API keys are enforced, since /metrics asks for one."""
     base_url = base_url.rstrip("/")
     checks: list[Check] = []
     samples: Samples = {}
     ready: dict[str, Any] = {}
     try:
-        status, body = await asyncio.to_thread(_get, f"{base_url}/metrics", request_timeout)
+        status, body = await asyncio.to_thread(
+            _get, f"{base_url}/metrics", request_timeout, api_key
+        )
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
         samples = parse_metrics(body.decode())

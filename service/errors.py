@@ -42,6 +42,16 @@ class APIError(Exception):
         self.extra = extra
 
 
+def invalid(detail: str, loc: list[str], msg: str, kind: str = "value_error") -> APIError:
+    """A 422 for a check the schema cannot express, shaped like the schema's own 422s."""
+    return APIError(
+        422,
+        detail,
+        title="Validation failed",
+        errors=[{"loc": loc, "msg": msg, "type": kind}],
+    )
+
+
 def problem(
     status: int,
     detail: str,

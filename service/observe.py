@@ -98,7 +98,7 @@ def _wants_profile(settings: Settings) -> bool:
     # Profiling is admin work: with API keys enforced, only an admin key's request is profiled
     # (service/auth.py sets the flag); any other is served as usual, revealing nothing.
     return hmac.compare_digest(given.encode(), expected.encode()) and bool(
-        g.get("api_key_admin", True)
+        g.get("api_key_admin", False)
     )
 
 

@@ -13,11 +13,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import BaseModel
 from quart_schema.openapi import OpenAPIProvider
 
 from .config import Settings
 from .errors import PROBLEM_JSON
 from .keys import parse_api_keys
+
+
+class LocationHeader(BaseModel):
+    """The `Location` of a created resource (201) or an accepted task (202)."""
+
+    location: str
+
 
 # The probes: no key, no rate limit, nothing to validate (see service/auth.py OPEN_PATHS).
 _PROBES = frozenset({"/healthz", "/readyz"})

@@ -65,10 +65,6 @@ def installer(threshold: float) -> Any:
     logger = QueryLogger(threshold)
 
     async def init(conn: asyncpg.Connection) -> None:
-        # The pool runs this on every release; name it rather than count it as "unnamed".
-        reset = conn.get_reset_query()
-        if reset:
-            _names.setdefault(reset, "pool_reset")
         conn.add_query_logger(logger)
 
     return init

@@ -83,6 +83,13 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         yield conn
     except DB_UNAVAILABLE as error:
         raise _database_unavailable(error) from error
+    except asyncpg.DataError as error:
+        # Input PostgreSQL cannot store (a NUL in a text, a value out of range) that the
+        # request's validation let through: the client's to fix, never a 500.
+        log.warning("data PostgreSQL refused: %s", type(error).__name__)
+        raise APIError(
+            422, "A value in the request cannot be stored.", title="Validation failed"
+        ) from error
     except asyncpg.InterfaceError as error:
         if not conn.is_closed():
             raise
@@ -96,13 +103,14 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
             conn.terminate()
         raise _database_unavailable(error) from error
     finally:
-        await _release(pool, conn)
+        await _release(pool, conn, settings().db_acquire_timeout)
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
-    # Shielded so that a cancelled request cannot leak the connection.
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:
+    # Shielded so that a cancelled request cannot leak the connection; bounded, since after a
+    # cancelled query asyncpg waits for the server's cancel, which a partition never sends.
     try:
-        await asyncio.shield(pool.release(conn))
+        await asyncio.shield(pool.release(conn, timeout=within))
     except Exception as error:
         # Releasing runs a reset query; when PostgreSQL has just dropped the connection that
         # fails in several ways (connection closed, "another operation is in progress", or a

@@ -38,13 +38,25 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 return 1
 """
 
-# A queued job not yet picked up is taken off the queue and failed at once.
+# A queued job not yet picked up is taken off the queue and failed at once. Touching its
+# in-progress key makes a worker that is just now claiming it (arq WATCHes that key) fail its
+# transaction and skip the job, instead of running it and overwriting the "aborted" result.
 # KEYS: queue, in-progress, job, result. ARGV: id, failed result, result ttl ms.
 _ABORT_QUEUED = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], '1', 'PX', 1000)
 redis.call('DEL', KEYS[3])
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# A running job is cancelled by the worker that runs it, which polls arq's abort set. Only a
+# job still in the queue is added: arq never removes an entry for a job that has ended.
+# KEYS: queue, abort set. ARGV: id, now ms.
+_ABORT_RUNNING = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
 
@@ -108,11 +120,12 @@ def _error_text(result: Any) -> str:
     return str(result)
 
 
-def job_id_for(settings: Settings, idempotency_key: str | None) -> str:
-    """A fresh id, or the same id every time for the same Idempotency-Key."""
+def job_id_for(settings: Settings, idempotency_key: str | None, owner: str = "") -> str:
+    """A fresh id, or the same id every time for the same Idempotency-Key from the same
+    ``owner`` (the API key's name): two clients choosing the same key get separate tasks."""
     if idempotency_key is None:
         return uuid.uuid4().hex
-    digest = hashlib.sha256(f"{settings.redis_prefix}idem:{idempotency_key}".encode())
+    digest = hashlib.sha256(f"{settings.redis_prefix}idem:{owner}:{idempotency_key}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -125,19 +138,22 @@ class TaskQueue:
         self.queue_name = queue.queue_name(settings)
         self._enqueue = redis.register_script(_ENQUEUE)
         self._abort_queued = redis.register_script(_ABORT_QUEUED)
+        self._abort_running = redis.register_script(_ABORT_RUNNING)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
 
     # -- submitting ---------------------------------------------------------------------
 
-    async def submit(self, n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
+    async def submit(
+        self, n: int, idempotency_key: str | None = None, owner: str = ""
+    ) -> tuple[Task, bool]:
         """Enqueue ``heavy_task(n)``; returns the task and whether it was created now.
 
         Raises QueueFull past the limit, QueueUnavailable when Redis fails, and
         IdempotencyConflict when the key was used for another ``n``.
         """
-        job_id = job_id_for(self.settings, idempotency_key)
+        job_id = job_id_for(self.settings, idempotency_key, owner)
         now_ms = int(time.time() * 1000)
         payload = serialize_job(FUNCTION, (n,), {}, None, now_ms, serializer=queue.dumps)
         keys = [
@@ -158,12 +174,32 @@ class TaskQueue:
             raise QueueUnavailable(str(error)) from error
         if outcome == -1:
             raise QueueFull()
-        task = await self.get(job_id)
+        try:
+            task = await self.get(job_id)
+        except (RedisError, OSError) as error:
+            if outcome != 1:
+                raise QueueUnavailable(str(error)) from error
+            # Enqueued, but Redis failed the read-back: the task is accepted, say so.
+            return self._just_queued(job_id, n, now_ms), True
         if task is None:  # finished and expired between the two calls: submit again
-            return await self.submit(n, idempotency_key)
+            return await self.submit(n, idempotency_key, owner)
         if outcome == 0 and task.n != n:
             raise IdempotencyConflict()
         return task, outcome == 1
+
+    @staticmethod
+    def _just_queued(job_id: str, n: int, enqueued_ms: int) -> Task:
+        return Task(
+            id=job_id,
+            status="queued",
+            n=n,
+            result=None,
+            error=None,
+            tries=0,
+            enqueued_at=_from_ms(enqueued_ms),
+            started_at=None,
+            finished_at=None,
+        )
 
     # -- reading --------------------------------------------------------------------------
 
@@ -244,7 +280,10 @@ class TaskQueue:
                 return
         # Running (or picked up meanwhile): the worker polls this set and cancels the job,
         # which ends its child process.
-        await self.redis.zadd(queue.abort_jobs_ss, {task.id: int(time.time() * 1000)})
+        await self._abort_running(
+            keys=[self.queue_name, queue.abort_jobs_ss],
+            args=[task.id, int(time.time() * 1000)],
+        )
 
     # -- waiting --------------------------------------------------------------------------
 

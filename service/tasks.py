@@ -7,11 +7,12 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint, current_app, request
+from quart import Blueprint, current_app, g, request
 from quart_schema import document_headers, document_response, validate_querystring, validate_request
 
-from .errors import APIError
+from .errors import APIError, invalid
 from .metrics import TASKS_ACCEPTED, TASKS_REFUSED
+from .openapi import LocationHeader
 from .resources import settings
 from .taskqueue import IdempotencyConflict, QueueFull, QueueUnavailable, Task, TaskQueue
 
@@ -66,10 +67,6 @@ class SubmitHeaders(BaseModel):
     )
 
 
-class LocationHeader(BaseModel):
-    location: str
-
-
 def task_queue() -> TaskQueue:
     value: TaskQueue = current_app.extensions["task_queue"]
     return value
@@ -78,21 +75,18 @@ def task_queue() -> TaskQueue:
 def _check_n(n: int) -> None:
     limit = settings().task_max_n
     if n > limit:
-        raise APIError(
-            422,
-            f"n may be at most {limit}.",
-            title="Validation failed",
-            errors=[{"loc": ["n"], "msg": f"must be at most {limit}", "type": "less_than_equal"}],
+        raise invalid(
+            f"n may be at most {limit}.", ["n"], f"must be at most {limit}", "less_than_equal"
         )
 
 
 def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
-        raise APIError(
-            422,
+        raise invalid(
             "Idempotency-Key must be 1 to 255 visible ASCII characters.",
-            title="Validation failed",
+            ["headers", "Idempotency-Key"],
+            "1 to 255 visible ASCII characters",
         )
     return key
 
@@ -100,7 +94,9 @@ def _idempotency_key() -> str | None:
 async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
     retry_after = {"Retry-After": str(settings().task_retry_after)}
     try:
-        task, created = await task_queue().submit(n, idempotency_key)
+        # Idempotency-Keys are the client's own: scoped to its API key (none when open).
+        owner = g.get("api_key_name") or ""
+        task, created = await task_queue().submit(n, idempotency_key, owner)
     except QueueFull:
         TASKS_REFUSED.labels("full").inc()
         raise APIError(

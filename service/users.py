@@ -25,7 +25,8 @@ from quart_schema import (
 )
 
 from .db import load_queries
-from .errors import APIError
+from .errors import APIError, invalid
+from .openapi import LocationHeader
 from .resources import connection
 
 blueprint = Blueprint("users", __name__)
@@ -120,10 +121,6 @@ class UsersQuery(BaseModel):
     )
 
 
-class LocationHeader(BaseModel):
-    location: str
-
-
 def _user_json(row: asyncpg.Record) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -148,11 +145,8 @@ def decode_cursor(cursor: str) -> int:
         last_id = -1
         prefix = ""
     if prefix != "u1" or not 0 <= last_id <= MAX_ID:
-        raise APIError(
-            422,
-            "The cursor is not one this service issued.",
-            title="Validation failed",
-            errors=[{"loc": ["query", "after"], "msg": "invalid cursor", "type": "value_error"}],
+        raise invalid(
+            "The cursor is not one this service issued.", ["query", "after"], "invalid cursor"
         )
     return last_id
 

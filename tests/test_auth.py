@@ -102,7 +102,7 @@ async def test_every_route_but_the_health_checks_needs_the_right_key_in_producti
             response = await send(client, path, method, stop)
             assert response.headers.get("X-Reached") == "yes", (method, path)
             continue
-        scope = auth.required_scope(method, path, frozenset(), frozenset(), prod)
+        scope = auth.required_scope(method, path, frozenset(), prod)
         assert scope in {"read", "write", "admin"}, (method, path)
 
         anonymous = await send(client, path, method, stop)
@@ -158,38 +158,36 @@ async def test_the_right_key_reaches_the_handler_and_gets_no_store(
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "args", "headers", "scope"),
+    ("method", "path", "headers", "scope"),
     [
-        ("GET", "/users", (), (), "read"),
-        ("HEAD", "/users/1", (), (), "read"),
-        ("POST", "/users", (), (), "write"),
-        ("PATCH", "/users/1", (), (), "write"),
-        ("DELETE", "/tasks/abc", (), (), "write"),
-        ("GET", "/heavy-task", (), (), "read"),
-        ("POST", "/tasks", (), (), "write"),
-        ("GET", "/expensive-operation", (), (), "read"),
-        ("GET", "/metrics", (), (), "admin"),
-        ("GET", "/debug/profile", (), (), "admin"),
+        ("GET", "/users", (), "read"),
+        ("HEAD", "/users/1", (), "read"),
+        ("POST", "/users", (), "write"),
+        ("PATCH", "/users/1", (), "write"),
+        ("DELETE", "/tasks/abc", (), "write"),
+        ("GET", "/heavy-task", (), "read"),
+        ("POST", "/tasks", (), "write"),
+        ("GET", "/expensive-operation", (), "read"),
+        ("GET", "/metrics", (), "admin"),
+        ("GET", "/debug/profile", (), "admin"),
         # The profiling token changes no scope, so a 403 never reveals that profiling exists.
-        ("GET", "/users", ("profile",), (), "read"),
-        ("GET", "/users", (), ("x-profile-token",), "read"),
-        ("GET", "/docs", (), (), "admin"),
-        ("GET", "/openapi.json", (), (), "admin"),
-        ("TRACE", "/users", (), (), "admin"),
-        ("GET", "/healthz", (), (), None),
-        ("GET", "/readyz", (), (), None),
-        ("GET", "/metricsx", (), (), "read"),
+        ("GET", "/users", ("x-profile-token",), "read"),
+        ("GET", "/docs", (), "admin"),
+        ("GET", "/openapi.json", (), "admin"),
+        ("TRACE", "/users", (), "admin"),
+        ("GET", "/healthz", (), None),
+        ("GET", "/readyz", (), None),
+        ("GET", "/metricsx", (), "read"),
     ],
 )
 def test_the_scope_table(
     method: str,
     path: str,
-    args: tuple[str, ...],
     headers: tuple[str, ...],
     scope: str | None,
 ) -> None:
     prod = load_settings(environment="production", api_keys=api_keys())
-    assert auth.required_scope(method, path, frozenset(args), frozenset(headers), prod) == scope
+    assert auth.required_scope(method, path, frozenset(headers), prod) == scope
 
 
 async def test_docs_are_off_in_production_unless_enabled_and_may_be_public(
@@ -297,3 +295,18 @@ async def test_development_without_keys_is_open_and_says_so_loudly(
                 "API_KEYS" in r.getMessage() and "OPEN" in r.getMessage() for r in caplog.records
             )
             assert (await test_app.test_client().get("/users")).status_code == 200
+
+
+async def test_idempotency_keys_are_scoped_to_the_api_key(settings: Settings) -> None:
+    app = create_app(production(settings))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        same = {"Idempotency-Key": "order-1"}
+        first = await client.post("/tasks", json={"n": 10}, headers={**same, **bearer("writer")})
+        again = await client.post("/tasks", json={"n": 10}, headers={**same, **bearer("writer")})
+        other = await client.post("/tasks", json={"n": 99}, headers={**same, **bearer("rw")})
+    assert first.status_code == again.status_code == other.status_code == 202
+    assert (await first.get_json())["id"] == (await again.get_json())["id"]
+    # Another client choosing the same key gets its own task, not the first one's (nor a 422).
+    assert (await other.get_json())["id"] != (await first.get_json())["id"]
+    assert (await other.get_json())["n"] == 99

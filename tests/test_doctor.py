@@ -138,3 +138,18 @@ def test_doctor_flags_no_worker(settings: Settings) -> None:
     assert code == 1
     assert failing(rows) == {"worker"}
     assert rows["worker"][1].startswith("no live worker on")
+
+
+def test_doctor_reads_a_deployment_that_enforces_keys_with_an_admin_key(
+    settings: Settings,
+) -> None:
+    from tests.test_auth import KEYS, api_keys
+
+    locked = {"environment": "production", "api_keys": api_keys(), "docs_enabled": "true"}
+    with hypercorn(free_port(), settings_env(settings, **locked)) as (base_url, _):
+        _, without = doctor(settings, base_url)
+        _, with_key = doctor(settings, base_url, DOCTOR_API_KEY=KEYS["admin"])
+    assert without["server"][0] == "FAIL"
+    assert "401" in without["server"][1]
+    assert with_key["server"][0] != "FAIL", with_key
+    assert "401" not in with_key["server"][1]

@@ -96,3 +96,14 @@ async def test_an_unexpected_error_is_a_500_problem_with_the_request_id_and_no_t
     logged = [r for r in caplog.records if "req-42" in r.getMessage()]
     assert logged
     assert logged[0].exc_info is not None
+
+
+def test_a_pool_minimum_above_its_maximum_stops_the_start_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "1")
+    monkeypatch.delenv("DB_POOL_MIN_SIZE", raising=False)  # the default, 2
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "DB_POOL_MIN_SIZE" in str(caught.value)
+    assert "DB_POOL_MAX_SIZE" in str(caught.value)

@@ -328,3 +328,16 @@ async def test_the_idempotency_key_rule_is_in_the_description(client: Client) ->
     assert "255" in pattern
     response = await client.post("/tasks", json={"n": 10}, headers={"Idempotency-Key": "a b"})
     assert response.status_code == 422
+
+
+async def test_aborting_a_task_that_has_just_ended_leaves_no_abort_mark(
+    app: Any, redis_cleanup: aioredis.Redis
+) -> None:
+    from service.taskqueue import Task
+
+    tasks = app.app.extensions["task_queue"]
+    # Seen running a moment ago, finished (and gone from the queue) by the time of the abort:
+    # arq would never clear a mark left for it.
+    ended = Task("f" * 32, "running", 5, None, None, 1, None, None, None)
+    await tasks.abort(ended)
+    assert await redis_cleanup.zscore(queue.abort_jobs_ss, ended.id) is None
