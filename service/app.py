@@ -30,6 +30,10 @@ _JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
+def _has_body() -> bool:
+    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
+
+
 def create_app(settings: Settings | None = None) -> Quart:
     """Build the Quart app. Nothing connects here; the serving hooks open and close resources."""
     if not logging.getLogger().handlers:
@@ -100,8 +104,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             raise APIError(413, f"The body is over the limit of {settings.max_body_bytes} bytes.")
-        has_body = bool(length) or "chunked" in request.headers.get("Transfer-Encoding", "")
-        if has_body and request.method in _JSON_METHODS and not request.is_json:
+        if _has_body() and request.method in _JSON_METHODS and not request.is_json:
             raise APIError(415, "Send the body as JSON (Content-Type: application/json).")
         if request.method in _JSON_METHODS:
             # Quart decodes a JSON body as UTF-8 and lets a decoding error out as a 500.
@@ -111,6 +114,16 @@ def create_app(settings: Settings | None = None) -> Quart:
                     body.decode()
                 except UnicodeDecodeError:
                     raise APIError(400, "The body is not valid UTF-8.") from None
+
+    @app.after_request
+    async def _close_after_a_refused_body(response: Response) -> Response:
+        # A request with a body refused before it was read (413, 415, 401, 429, ...): Hypercorn
+        # then closes the connection rather than read the rest. Say so in the response, or a
+        # keep-alive client sends its next request into a closing socket and sees it dropped.
+        # (Any error to a request with a body closes: the cost is one reconnect, on errors.)
+        if response.status_code >= 400 and _has_body():
+            response.headers["Connection"] = "close"
+        return response
 
     @app.after_request
     async def _add_request_id(response: Response) -> Response:

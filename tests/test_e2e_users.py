@@ -51,6 +51,8 @@ async def test_users_routes_over_http_under_hypercorn(settings: Settings, port: 
 
             too_big = await http.post("/users", content=b"x" * 100_000)
             assert too_big.status_code == 413
+            # Refused unread: the server closes, and says so, so the client does not reuse it.
+            assert too_big.headers["connection"] == "close"
             not_json = await http.post(
                 "/users", content=b"email=a", headers={"content-type": "text/plain"}
             )
