@@ -196,24 +196,31 @@ def run(extra_hypercorn_args: list[str]) -> int:
     worker_cmd = [python, "-m", "workers"]
     _say("starting the API (Hypercorn, hypercorn.toml) and the arq worker; Ctrl-C stops both")
     children = [
-        # Own sessions: a Ctrl-C reaches only this process, which then stops each child once
-        # (a second signal can hang Hypercorn's supervisor inside its shutdown handler).
-        subprocess.Popen(api_cmd, env=env, cwd=ROOT, start_new_session=True),
-        subprocess.Popen(worker_cmd, env=env, cwd=ROOT, start_new_session=True),
+        subprocess.Popen(api_cmd, env=env, cwd=ROOT),
+        subprocess.Popen(worker_cmd, env=env, cwd=ROOT),
     ]
+    # Each child gets one stop signal, never two: a second one can hang Hypercorn's
+    # supervisor inside its shutdown handler. Ctrl-C (SIGINT) and a closed terminal (SIGHUP)
+    # already reach the whole process group, children included, so they are not forwarded;
+    # SIGTERM (sent to this process alone, as by the benchmark or an init system) is.
+    signalled: set[int] = set()
 
-    def _forward(signum: int, _frame: object) -> None:
+    def _stop_children() -> None:
         for child in children:
-            if child.poll() is None:
+            if child.poll() is None and child.pid not in signalled:
+                signalled.add(child.pid)
                 child.send_signal(signal.SIGTERM)
 
-    # The children have sessions of their own, so a closed terminal (SIGHUP) is forwarded too.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _forward)
+    def _on_group_signal(_signum: int, _frame: object) -> None:
+        signalled.update(child.pid for child in children)
+
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: _stop_children())
+    signal.signal(signal.SIGINT, _on_group_signal)
+    signal.signal(signal.SIGHUP, _on_group_signal)
     # When one stops, stop the other: a service with half its processes is not running.
     while all(child.poll() is None for child in children):
         time.sleep(0.2)
-    _forward(signal.SIGTERM, None)
+    _stop_children()
     codes = [child.wait() for child in children]
     return next((code for code in codes if code), 0)
 
