@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     worker_processes: int = Field(default=0, ge=0, le=256)
     # arq polls the queue; 0.5 s (its default) would add 250 ms to every small task.
     worker_poll_delay: float = Field(default=0.02, gt=0, le=5)
+    # CPU priority (nice) of the compute processes: on a machine shared with the API, requests
+    # are served first and the sums take the idle CPU. 0 leaves them at the worker's priority.
+    worker_niceness: int = Field(default=10, ge=0, le=19)
     worker_health_interval: int = Field(default=5, ge=1)
     # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
     worker_shutdown_grace: int = Field(default=30, ge=0)

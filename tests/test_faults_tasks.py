@@ -40,6 +40,11 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def nice_of(pid: int) -> int:
+    """A process's nice value (field 19 of /proc/PID/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[16])
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0]
@@ -173,3 +178,15 @@ async def test_a_worker_killed_mid_job_leaves_no_orphan_and_the_job_completes_on
     assert done["status"] == "complete"
     assert done["result"] == exact(n)
     assert done["tries"] == 2
+
+
+async def test_compute_processes_yield_the_cpu_to_the_api(
+    client: Client, settings: Settings
+) -> None:
+    with worker(settings, worker_processes=1) as process:
+        task = await (await submit(client, 1000)).get_json()
+        await wait_for_status(client, task["id"], {"complete"})
+        niceness = {pid: nice_of(pid) for pid in descendants(process.pid)}
+        own = os.getpriority(os.PRIO_PROCESS, process.pid)
+    assert 10 in niceness.values(), niceness  # the compute process: WORKER_NICENESS
+    assert own == 0  # the worker's own event loop keeps its priority

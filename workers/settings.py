@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 from typing import Any
@@ -32,10 +33,17 @@ def pool_size(settings: Settings) -> int:
     return settings.worker_processes or usable_cpus()
 
 
-def die_with_parent() -> None:
-    """Runs in each compute process: if its parent goes (the worker killed with SIGKILL takes
-    its forkserver with it), the kernel kills it too, so no orphan keeps burning a core on a
-    job that will be retried elsewhere anyway."""
+def init_compute_process(niceness: int) -> None:
+    """Runs in each compute process as it starts.
+
+    It lowers its own CPU priority, so that where the API shares the machine (``make run``,
+    one host) the scheduler serves requests first and computes with what is left: the sums
+    take the idle CPU, not the API's. And if its parent goes (the worker killed with SIGKILL
+    takes its forkserver with it), the kernel kills it too, so no orphan keeps burning a core
+    on a job that will be retried elsewhere anyway.
+    """
+    if niceness:
+        os.nice(niceness)
     if sys.platform == "linux":
         pr_set_pdeathsig = 1
         libc = ctypes.CDLL(None, use_errno=True)
@@ -49,7 +57,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = ProcessPool(
         max_workers=size,
         context=multiprocessing.get_context("forkserver"),
-        initializer=die_with_parent,
+        initializer=init_compute_process,
+        initargs=(settings.worker_niceness,),
     )
     ctx["task_timeout"] = settings.task_timeout
     WORKER_POOL_SIZE.set(size)
