@@ -720,15 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, list[str]] = {}
     try:
         with stopping(started):
-            redis_port = free_port()
-            redis_group = Group(
-                "redis",
-                ["redis-server", "--port", str(redis_port), "--bind", HOST, "--save", "",
-                 "--appendonly", "no", "--dir", str(logs)],
-                dict(os.environ), ROOT, logs / "redis.log",
-            )  # fmt: skip
-            started.append(redis_group)
-            wait_port(redis_port, redis_group)
+            redis_port = start_private_redis(logs, started)
             ctx = Context(
                 opts,
                 bench_url,
@@ -764,6 +756,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults saved to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(f"logs of every process in {logs.relative_to(ROOT)}")
     return 0
+
+
+def start_private_redis(logs: Path, started: list[Group]) -> int:
+    """A Redis of the run's own on a free port (never the machine's shared one); its group is
+    added to ``started`` so the run stops it. Returns the port."""
+    port = free_port()
+    group = Group(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+         "--appendonly", "no", "--dir", str(logs)],
+        dict(os.environ), ROOT, logs / "redis.log",
+    )  # fmt: skip
+    started.append(group)
+    wait_port(port, group)
+    return port
 
 
 def wait_port(port: int, group: Group, timeout: float = 10) -> None:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from .procs import Group, _stat, free_port, role
+from .procs import Group, _stat, role
 from .report import Load, parse_wrk
 from .run import (
     BENCH,
@@ -41,9 +41,9 @@ from .run import (
     machine_info,
     seed,
     seed_queries,
+    start_private_redis,
     start_service,
     stopping,
-    wait_port,
 )
 
 SOAK_DATABASE = "soak"
@@ -357,15 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[dict[str, Any]] = []
     try:
         with stopping(started):
-            redis_port = free_port()
-            redis_group = Group(
-                "redis",
-                ["redis-server", "--port", str(redis_port), "--bind", HOST, "--save", "",
-                 "--appendonly", "no", "--dir", str(logs)],
-                dict(os.environ), ROOT, logs / "redis.log",
-            )  # fmt: skip
-            started.append(redis_group)
-            wait_port(redis_port, redis_group)
+            redis_port = start_private_redis(logs, started)
             env = {
                 **os.environ,
                 "DATABASE_URL": soak_url,
