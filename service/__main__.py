@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+import asyncpg
+
 from . import preflight
 from .config import ConfigError, load_settings
 from .db import migrate_database
@@ -69,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--migrate needs postgres")
         return preflight.run(settings, command, needs=needs, migrate=args.migrate)
     if args.command == "migrate":
-        applied = asyncio.run(migrate_database(settings))
+        try:
+            applied = asyncio.run(migrate_database(settings))
+        except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+            # Not a traceback: which variable to look at, and what PostgreSQL said.
+            print(
+                f"cannot migrate: the PostgreSQL of DATABASE_URL refused or did not answer "
+                f"({type(error).__name__}: {error}); set DATABASE_URL to a server you may use",
+                file=sys.stderr,
+            )
+            return 3
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     if args.command == "doctor":
         from .doctor import diagnose, render_table, worst

@@ -185,7 +185,9 @@ def run(extra_hypercorn_args: list[str]) -> int:
     """Migrate, then run the API under Hypercorn and the arq worker until interrupted."""
     env = {**os.environ, **ensure_services()}
     python = sys.executable
-    subprocess.run([python, "-m", "service", "migrate"], env=env, check=True)
+    migrated = subprocess.run([python, "-m", "service", "migrate"], env=env, check=False)
+    if migrated.returncode != 0:
+        return migrated.returncode  # the migrate command said why
     api_cmd = [
         python, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
         *extra_hypercorn_args, "service.app:create_app()",

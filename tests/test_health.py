@@ -107,3 +107,24 @@ def test_a_pool_minimum_above_its_maximum_stops_the_start_naming_both(
         load_settings()
     assert "DB_POOL_MIN_SIZE" in str(caught.value)
     assert "DB_POOL_MAX_SIZE" in str(caught.value)
+
+
+def test_migrate_against_an_unreachable_database_says_which_variable() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert "DATABASE_URL" in done.stderr
+    assert "Traceback" not in done.stderr
