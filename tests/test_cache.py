@@ -6,10 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,6 +14,7 @@ import redis.asyncio as aioredis
 
 from service.cache import Cache
 from tests.conftest import free_port
+from tests.private_servers import private_redis
 
 
 class CountingLoader:
@@ -262,47 +260,20 @@ async def test_a_redis_that_hangs_costs_a_bounded_wait_then_the_value_is_compute
     assert loader.runs == 1
 
 
-@contextlib.contextmanager
-def private_redis(port: int) -> Iterator[None]:
-    """Our own redis-server on ``port`` (never the shared one), without persistence."""
-    with tempfile.TemporaryDirectory() as folder:
-        process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", folder],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 10
-            while (
-                subprocess.run(
-                    ["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False
-                ).stdout.strip()
-                != b"PONG"
-            ):
-                assert process.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not answer"
-                time.sleep(0.05)
-            yield
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
-
-
 async def test_the_cache_goes_back_to_redis_by_itself_when_redis_returns(
     redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="service.cache")
-    port = free_port()
-    cache = make_cache(f"redis://127.0.0.1:{port}/0", redis_prefix, retry_interval=0.1)
     loader = CountingLoader()
-    try:
-        with private_redis(port):
+    with private_redis() as server:
+        cache = make_cache(server.url, redis_prefix, retry_interval=0.1)
+        try:
             assert (await cache.get_or_load("back", loader)).stored
             assert (await cache.get_or_load("back", loader)).hit
-        down = await cache.get_or_load("back", loader)
-        assert down.bypassed
-        with private_redis(port):
+            server.stop()
+            down = await cache.get_or_load("back", loader)
+            assert down.bypassed
+            server.start()
             # Within the retry interval Redis is skipped; after it, caching resumes unaided.
             for _ in range(100):
                 outcome = await cache.get_or_load("back", loader)
@@ -312,8 +283,8 @@ async def test_the_cache_goes_back_to_redis_by_itself_when_redis_returns(
             assert outcome.stored  # the restarted Redis was empty
             assert (await cache.get_or_load("back", loader)).hit
             assert not cache.redis_down
-    finally:
-        await cache._redis.aclose()
+        finally:
+            await cache._redis.aclose()
     assert any("Redis is back" in record.getMessage() for record in caplog.records)
 
 

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from service.config import Settings
 from tests.e2e import ROOT, hypercorn
+from tests.workers import settings_env
 
 GRACEFUL_TIMEOUT = tomllib.loads((ROOT / "hypercorn.toml").read_text())["graceful_timeout"]
 IN_FLIGHT = 24
@@ -52,11 +53,7 @@ def _new_connection_outcome(port: int) -> str:
 async def test_sigterm_under_load_completes_in_flight_requests(
     settings: Settings, port: int, redis_cleanup: aioredis.Redis, workers: str, target: str
 ) -> None:
-    env = {
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = settings_env(settings)
     counter = f"{settings.redis_prefix}in-flight"
     with hypercorn(
         port, env, "--workers", workers, app="tests.slow_app:create_app()", new_session=True

@@ -8,14 +8,11 @@ import httpx
 
 from service.config import Settings
 from tests.e2e import hypercorn
+from tests.workers import settings_env
 
 
 async def test_users_routes_over_http_under_hypercorn(settings: Settings, port: int) -> None:
-    env = {
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = settings_env(settings)
     with hypercorn(port, env) as (base_url, _process):
         async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
             created = await http.post("/users", json={"email": "e2e@example.com", "name": "E"})

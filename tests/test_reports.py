@@ -17,7 +17,8 @@ from service.config import Settings
 from service.reports import REPORT_CACHE_KEY, REPORT_VERSION
 from tests.conftest import free_port
 from tests.e2e import hypercorn
-from tests.test_cache import private_redis
+from tests.private_servers import private_redis
+from tests.workers import settings_env
 
 PATH = "/expensive-operation"
 
@@ -127,11 +128,7 @@ async def test_two_api_processes_sharing_one_cold_key_compute_it_once(
 ) -> None:
     # Enough rows that the computation takes a while, so the cold requests really overlap.
     await seed_users(db, 100_000)
-    env = {
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = settings_env(settings)
     # Two Hypercorn processes of two workers each: four event loops, one Redis lock.
     with (
         hypercorn(free_port(), env) as (first_url, _first),
@@ -193,11 +190,7 @@ async def test_a_client_that_disconnects_mid_computation_leaves_the_right_value_
     settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
 ) -> None:
     await seed_users(db, 100_000)
-    env = {
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = settings_env(settings)
     value_key = f"{settings.redis_prefix}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}"
     port = free_port()
     with hypercorn(port, env) as (base_url, _process):
@@ -229,21 +222,19 @@ async def test_the_route_serves_through_a_redis_restart_and_caches_again_by_itse
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     await seed_users(db, 30)
-    port = free_port()
-    private = settings.model_copy(
-        update={"redis_url": f"redis://127.0.0.1:{port}/0", "cache_retry_interval": 0.1}
-    )
-    app = create_app(private)
-    async with app.test_app() as test_app:
-        http = test_app.test_client()
-        with private_redis(port):
+    with private_redis() as server:
+        private = settings.model_copy(update={"redis_url": server.url, "cache_retry_interval": 0.1})
+        app = create_app(private)
+        async with app.test_app() as test_app:
+            http = test_app.test_client()
             assert "stored" in (await http.get(PATH)).headers["Cache-Status"]
-        # Redis stopped: served all the same, computed, and /readyz says degraded.
-        down = await asyncio.gather(*(http.get(PATH) for _ in range(10)))
-        assert {response.status_code for response in down} == {200}
-        assert all("fwd=bypass" in r.headers["Cache-Status"] for r in down)
-        assert (await (await http.get("/readyz")).get_json())["status"] == "degraded"
-        with private_redis(port):
+            server.stop()
+            # Redis stopped: served all the same, computed, and /readyz says degraded.
+            down = await asyncio.gather(*(http.get(PATH) for _ in range(10)))
+            assert {response.status_code for response in down} == {200}
+            assert all("fwd=bypass" in r.headers["Cache-Status"] for r in down)
+            assert (await (await http.get("/readyz")).get_json())["status"] == "degraded"
+            server.start()
             for _ in range(100):
                 status = (await http.get(PATH)).headers["Cache-Status"]
                 if "fwd=bypass" not in status:
