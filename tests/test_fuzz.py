@@ -224,21 +224,22 @@ def test_the_fuzzed_description_is_the_served_one(live: LiveService) -> None:
 
 def test_workflows_across_operations(live: LiveService) -> None:
     """Sequences of calls chained by the links schemathesis infers (a created user is read,
-    changed and deleted; a submitted task is read and aborted), so the routes taking an id
-    also see ids that exist, and a deleted user must be gone.
+    changed and deleted), so the routes taking an id also see ids that exist, and a deleted
+    user must be gone.
 
-    Each sequence starts from an empty users table and sends no Idempotency-Key, so that the
-    same sequence meets the same answers every time: Hypothesis replays sequences, and calls
-    its generation flaky when a replay takes another path (a 409 where a 201 was).
+    Each sequence starts from an empty users table, so that the same sequence meets the same
+    answers every time: Hypothesis replays sequences, and calls its generation flaky when a
+    replay takes another path (a 409 where a 201 was). The task routes are left out of the
+    sequences for that reason: whether a task has finished, and so whether aborting it answers
+    202 or 409, depends on the worker's timing (seen once in a CI-style run as
+    FlakyStrategyDefinition). They are fuzzed case by case above, and their lifecycle is
+    tested in test_tasks.py.
     """
+    users_only = schema.exclude(path_regex=r"^/(tasks|heavy-task)")
 
-    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+    class Workflow(users_only.as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
             asyncio.run(empty_users_table(live.database_url))
-
-        def before_call(self, case: Case[Any]) -> None:
-            if case.headers:
-                case.headers.pop("idempotency-key", None)
 
         def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
             return {"base_url": live.base_url}
