@@ -123,7 +123,7 @@ def role(pid: int, parents: dict[int, int], group_leader: int) -> str:
         parent = parents.get(pid)
         owner = role(parent, parents, group_leader) if parent else "?"
         return f"worker of {owner}"
-    if "service.devstack" in text:
+    if "tools.devstack" in text:
         return "devstack"
     if "-m workers" in text or text.endswith(" workers"):
         return "arq worker"

@@ -31,10 +31,10 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from service.db import migrate
-from service.reports import REPORT_CACHE_KEY, REPORT_VERSION, compute_report
+from service.backends.db import migrate
+from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION, compute_report
 from tests.conftest import free_port, with_search_path
-from tests.e2e import hypercorn
+from tests.support.hypercorn import hypercorn
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

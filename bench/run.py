@@ -33,11 +33,9 @@ import aiosql
 import asyncpg
 import redis
 
-from service.reports import REPORT_CACHE_KEY, REPORT_VERSION
-
-from . import client
-from .procs import Group, MemoryWatch, free_port
-from .report import (
+from bench import client
+from bench.procs import Group, MemoryWatch, free_port
+from bench.report import (
     SCENARIOS,
     SYSTEMS,
     Load,
@@ -49,6 +47,7 @@ from .report import (
     render,
     to_json,
 )
+from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -165,7 +164,7 @@ def check_tools() -> None:
 
 def database_urls() -> tuple[str, str]:
     """(the server's URL as given or found, the URL of its ``bench`` database)."""
-    from service.devstack import ensure_services
+    from tools.devstack import ensure_services
 
     # The benchmark runs its own Redis: only PostgreSQL is looked for (or started) here.
     given = ensure_services({**os.environ, "REDIS_URL": "redis://unused"})["DATABASE_URL"]
@@ -266,10 +265,10 @@ def wait_serving(port: int, path: str, groups: list[Group], timeout: float = 60)
 
 
 def start_service(env: dict[str, str], logs: Path, started: list[Group]) -> System:
-    """The service as the README starts it (``python -m service.devstack run``), plus the
+    """The service as the README starts it (``python -m tools.devstack run``), plus the
     worker when the run command does not start one itself."""
     port = free_port()
-    command = [sys.executable, "-m", "service.devstack", "run", "--", "--bind", f"{HOST}:{port}"]
+    command = [sys.executable, "-m", "tools.devstack", "run", "--", "--bind", f"{HOST}:{port}"]
     api = Group("service", command, env, ROOT, logs / "service.log")
     started.append(api)
     groups = [api]
@@ -421,7 +420,7 @@ def metric_counter(port: int, name: str) -> Counter:
 
 
 def loads_counter(redis_url: str) -> Counter:
-    """The cache's count of report computations, across every process (service/cache.py
+    """The cache's count of report computations, across every process (service/backends/cache.py
     increments it for each loader run); clearing the cache resets it to nothing, read as 0."""
     key = f"{SERVICE_REDIS_PREFIX}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}:loads"
 
@@ -774,7 +773,7 @@ def start_private_redis(logs: Path, started: list[Group]) -> int:
 
 
 def wait_port(port: int, group: Group, timeout: float = 10) -> None:
-    from service.devstack import port_open
+    from tools.devstack import port_open
 
     deadline = time.monotonic() + timeout
     while not port_open(HOST, port):

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from .procs import Group, _stat, role
-from .report import Load, parse_wrk
-from .run import (
+from bench.procs import Group, _stat, role
+from bench.report import Load, parse_wrk
+from bench.run import (
     BENCH,
     DOMAIN_SLOTS,
     HOST,

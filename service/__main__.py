@@ -10,10 +10,10 @@ import sys
 
 import asyncpg
 
-from . import preflight
-from .config import ConfigError, load_settings
-from .db import migrate_database
-from .keys import SCOPES, generate_key, key_entry, parse_api_keys
+from service.apikeys import SCOPES, generate_key, key_entry, parse_api_keys
+from service.backends.db import migrate_database
+from service.config import ConfigError, load_settings
+from service.ops import preflight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         help="environment variable holding an admin API key, for a deployment that enforces keys "
         "(default: DOCTOR_API_KEY); a key is never taken on the command line, where ps shows it",
     )
-    # deployment: the containers' entry point (service/preflight.py)
+    # deployment: the containers' entry point (service/ops/preflight.py)
     preflight_parser = commands.add_parser(
         "preflight",
         help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     if args.command == "doctor":
-        from .doctor import diagnose, render_table, worst
+        from service.ops.doctor import diagnose, render_table, worst
 
         checks = asyncio.run(
             diagnose(

@@ -10,19 +10,20 @@ import redis.asyncio as aioredis
 from quart import Quart, Response, g, request
 from quart_schema import Info, QuartSchema
 
-from . import auth, db
-from .config import Settings, load_settings
-from .errors import APIError, register_error_handlers
-from .health import blueprint as health_blueprint
-from .logs import configure_logging
-from .observe import init_app as init_observability
-from .openapi import ServiceOpenAPIProvider
-from .reports import blueprint as reports_blueprint
-from .resources import create_redis
-from .serving import install_graceful_drain
-from .taskqueue import TaskQueue
-from .tasks import blueprint as tasks_blueprint
-from .users import blueprint as users_blueprint
+from service.backends import db
+from service.backends.redis import create_redis
+from service.backends.taskqueue import TaskQueue
+from service.config import Settings, load_settings
+from service.errors import APIError, register_error_handlers
+from service.obs.logs import configure_logging
+from service.openapi import ServiceOpenAPIProvider
+from service.pipeline import auth
+from service.pipeline.drain import install_graceful_drain
+from service.pipeline.instrument import init_app as init_observability
+from service.routes.health import blueprint as health_blueprint
+from service.routes.reports import blueprint as reports_blueprint
+from service.routes.tasks import blueprint as tasks_blueprint
+from service.routes.users import blueprint as users_blueprint
 
 log = logging.getLogger(__name__)
 

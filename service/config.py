@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .keys import parse_api_keys
+from service.apikeys import parse_api_keys
 
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # tests) can share one Redis.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
 
-    # The cached report of GET /expensive-operation (service/cache.py, service/reports.py).
+    # The cached report of GET /expensive-operation (backends/cache.py, routes/reports.py).
     cache_ttl: float = Field(default=600.0, gt=0)
     # Each stored value lives cache_ttl less up to this fraction of it, at random.
     cache_ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
     worker_shutdown_grace: int = Field(default=30, ge=0)
 
-    # --- access and abuse: API keys, docs exposure, CORS, rate limits (service/auth.py,
-    # service/ratelimit.py) ---
+    # --- access and abuse: API keys, docs exposure, CORS, rate limits (service/pipeline/auth.py,
+    # service/pipeline/ratelimit.py) ---
     # Comma-separated `name:sha256hex:scope+scope` (scopes: read, write, admin); the hash is
     # the SHA-256 of the key. `python -m service keygen` prints a key and its entry. Required
     # in production; in development an empty value leaves the service open.

@@ -4,8 +4,9 @@ quart-schema documents the responses a route declares with ``document_response``
 come from checks that apply to every route alike (keys and scopes, rate limits, body limits,
 validation, an unavailable database or queue), so they are added here, in one place, from what
 each operation is (its method, its parameters, its body, whether it is a probe) rather than
-repeated on every route. A fuzzer checking responses against this description (tests/test_fuzz.py)
-then finds an undocumented status only where a route really does something unexpected.
+repeated on every route. A fuzzer checking responses against this description
+(tests/e2e/test_fuzz.py) then finds an undocumented status only where a route really does
+something unexpected.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 from pydantic import BaseModel
 from quart_schema.openapi import OpenAPIProvider
 
-from .config import Settings
-from .errors import PROBLEM_JSON
-from .keys import parse_api_keys
+from service.apikeys import parse_api_keys
+from service.config import Settings
+from service.errors import PROBLEM_JSON
 
 
 class LocationHeader(BaseModel):
@@ -27,7 +28,7 @@ class LocationHeader(BaseModel):
     location: str
 
 
-# The probes: no key, no rate limit, nothing to validate (see service/auth.py OPEN_PATHS).
+# The probes: no key, no rate limit, nothing to validate (see service/pipeline/auth.py OPEN_PATHS).
 _PROBES = frozenset({"/healthz", "/readyz"})
 _BODY_METHODS = frozenset({"post", "put", "patch"})
 

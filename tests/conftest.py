@@ -16,9 +16,9 @@ from quart.typing import TestAppProtocol as TestApp
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
+from service.backends.db import migrate
 from service.config import Settings, load_settings
-from service.db import migrate
-from service.devstack import ensure_services
+from tools.devstack import ensure_services
 
 
 @pytest.fixture(scope="session")

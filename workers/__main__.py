@@ -13,11 +13,10 @@ import sys
 import redis.asyncio as aioredis
 from arq.worker import Worker
 
+from service.backends import queue_contract as queue
+from service.backends.redis import redis_pool
 from service.config import ConfigError, Settings, load_settings
-from service.logs import configure_logging
-from service.resources import redis_pool
-
-from . import queue
+from service.obs.logs import configure_logging
 
 log = logging.getLogger("workers")
 

@@ -8,10 +8,9 @@ from typing import Any
 
 from pebble import ProcessPool
 
-from service.loopwatch import activity
-from service.metrics import JOB_DURATION, JOBS, WORKER_POOL_BUSY
-
-from .compute import sum_of_squares
+from service.obs.loopwatch import activity
+from service.obs.metrics import JOB_DURATION, JOBS, WORKER_POOL_BUSY
+from workers.compute import sum_of_squares
 
 
 class JobTimeout(Exception):

@@ -17,14 +17,13 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 from pebble import ProcessPool
 
+from service.backends import queue_contract as queue
+from service.backends.redis import redis_pool
 from service.config import Settings, load_settings
-from service.loopwatch import LoopWatch
-from service.metrics import WORKER_POOL_SIZE
-from service.observe import usable_cpus
-from service.resources import redis_pool
-
-from . import queue
-from .jobs import heavy_task
+from service.obs.host import usable_cpus
+from service.obs.loopwatch import LoopWatch
+from service.obs.metrics import WORKER_POOL_SIZE
+from workers.jobs import heavy_task
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,359 @@
+"""The API's side of the arq queue: bounded enqueue, status, abort, and waiting for a result.
+
+arq's own ``enqueue_job`` checks the job does not exist but knows no queue limit, and a
+check-then-enqueue from many processes overshoots; so enqueueing is one Lua script that checks
+the limit and writes arq's keys in the format arq's worker reads. Its ``Job.abort`` fails with a
+JSON serializer, so aborts are written here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from arq.jobs import serialize_job, serialize_result
+from redis.exceptions import RedisError
+
+from service.backends import queue_contract as queue
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+FUNCTION = "heavy_task"
+
+# KEYS: job, result, queue. ARGV: limit, payload, job expiry ms, score (enqueue time), id.
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return -1 end
+redis.call('PSETEX', KEYS[1], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
+
+# A queued job not yet picked up is taken off the queue and failed at once. Touching its
+# in-progress key makes a worker that is just now claiming it (arq WATCHes that key) fail its
+# transaction and skip the job, instead of running it and overwriting the "aborted" result.
+# KEYS: queue, in-progress, job, result. ARGV: id, failed result, result ttl ms.
+_ABORT_QUEUED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], '1', 'PX', 1000)
+redis.call('DEL', KEYS[3])
+redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# A running job is cancelled by the worker that runs it, which polls arq's abort set. Only a
+# job still in the queue is added: arq never removes an entry for a job that has ended.
+# KEYS: queue, abort set. ARGV: id, now ms.
+_ABORT_RUNNING = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+# arq keeps an unstarted job's key this long past its enqueue time (arq's own default).
+JOB_EXPIRY_MS = 86_400_000
+
+
+class QueueFull(Exception):
+    """The queue holds as many outstanding tasks as it may."""
+
+
+class QueueUnavailable(Exception):
+    """Redis did not answer; nothing was enqueued."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before for a different request."""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    status: str  # queued, running, complete, failed
+    n: int | None
+    result: int | None
+    error: str | None
+    tries: int | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        def stamp(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "id": self.id,
+            "status": self.status,
+            "n": self.n,
+            "result": self.result,
+            "error": self.error,
+            "tries": self.tries,
+            "enqueued_at": stamp(self.enqueued_at),
+            "started_at": stamp(self.started_at),
+            "finished_at": stamp(self.finished_at),
+        }
+
+
+def _from_ms(value: int | None) -> datetime | None:
+    return datetime.fromtimestamp(value / 1000, tz=UTC) if value else None
+
+
+def _error_text(result: Any) -> str:
+    if isinstance(result, dict) and "error" in result:
+        name, message = result["error"], result.get("message", "")
+        if name == "CancelledError":
+            return "aborted"
+        if name == "JobTimeout":
+            return f"timed out: {message}"
+        return f"{name}: {message}" if message else name
+    return str(result)
+
+
+def job_id_for(settings: Settings, idempotency_key: str | None, owner: str = "") -> str:
+    """A fresh id, or the same id every time for the same Idempotency-Key from the same
+    ``owner`` (the API key's name): two clients choosing the same key get separate tasks."""
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    digest = hashlib.sha256(f"{settings.redis_prefix}idem:{owner}:{idempotency_key}".encode())
+    return digest.hexdigest()[:32]
+
+
+class TaskQueue:
+    """Bounded enqueue, status, abort and result waiting over one Redis client."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.queue_name = queue.queue_name(settings)
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._abort_queued = redis.register_script(_ABORT_QUEUED)
+        self._abort_running = redis.register_script(_ABORT_RUNNING)
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+
+    # -- submitting ---------------------------------------------------------------------
+
+    async def submit(
+        self, n: int, idempotency_key: str | None = None, owner: str = ""
+    ) -> tuple[Task, bool]:
+        """Enqueue ``heavy_task(n)``; returns the task and whether it was created now.
+
+        Raises QueueFull past the limit, QueueUnavailable when Redis fails, and
+        IdempotencyConflict when the key was used for another ``n``.
+        """
+        job_id = job_id_for(self.settings, idempotency_key, owner)
+        now_ms = int(time.time() * 1000)
+        payload = serialize_job(FUNCTION, (n,), {}, None, now_ms, serializer=queue.dumps)
+        keys = [
+            queue.job_key_prefix + job_id,
+            queue.result_key_prefix + job_id,
+            self.queue_name,
+        ]
+        args: list[bytes | str | int] = [
+            self.settings.task_queue_limit,
+            payload,
+            JOB_EXPIRY_MS,
+            now_ms,
+            job_id,
+        ]
+        try:
+            outcome = await self._enqueue(keys=keys, args=args)
+        except (RedisError, OSError) as error:
+            raise QueueUnavailable(str(error)) from error
+        if outcome == -1:
+            raise QueueFull()
+        try:
+            task = await self.get(job_id)
+        except (RedisError, OSError) as error:
+            if outcome != 1:
+                raise QueueUnavailable(str(error)) from error
+            # Enqueued, but Redis failed the read-back: the task is accepted, say so.
+            return self._just_queued(job_id, n, now_ms), True
+        if task is None:  # finished and expired between the two calls: submit again
+            return await self.submit(n, idempotency_key, owner)
+        if outcome == 0 and task.n != n:
+            raise IdempotencyConflict()
+        return task, outcome == 1
+
+    @staticmethod
+    def _just_queued(job_id: str, n: int, enqueued_ms: int) -> Task:
+        return Task(
+            id=job_id,
+            status="queued",
+            n=n,
+            result=None,
+            error=None,
+            tries=0,
+            enqueued_at=_from_ms(enqueued_ms),
+            started_at=None,
+            finished_at=None,
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Task | None:
+        """The task's state, or None when no such task exists (or its result expired)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(queue.result_key_prefix + job_id)
+            pipe.exists(queue.in_progress_key_prefix + job_id)
+            pipe.get(queue.job_key_prefix + job_id)
+            pipe.zscore(self.queue_name, job_id)
+            pipe.get(queue.retry_key_prefix + job_id)
+            raw_result, running, raw_job, score, starts = await pipe.execute()
+        if raw_result is not None:
+            data = queue.loads(raw_result)
+            ok = bool(data["s"])
+            return Task(
+                id=job_id,
+                status="complete" if ok else "failed",
+                n=data["a"][0] if data.get("a") else None,
+                result=data["r"] if ok else None,
+                error=None if ok else _error_text(data["r"]),
+                tries=data.get("t"),
+                enqueued_at=_from_ms(data.get("et")),
+                started_at=_from_ms(data.get("st")),
+                finished_at=_from_ms(data.get("ft")),
+            )
+        if raw_job is None or score is None:
+            return None
+        job = queue.loads(raw_job)
+        return Task(
+            id=job_id,
+            status="running" if running else "queued",
+            n=job["a"][0],
+            result=None,
+            error=None,
+            tries=int(starts or 0),
+            enqueued_at=_from_ms(job.get("et")),
+            started_at=None,
+            finished_at=None,
+        )
+
+    async def depth(self) -> int:
+        """Outstanding tasks: queued or running (arq keeps a job in the queue until it ends)."""
+        value: int = await self.redis.zcard(self.queue_name)
+        return value
+
+    # -- aborting -------------------------------------------------------------------------
+
+    async def abort(self, task: Task) -> None:
+        """Abort a queued task at once, or ask the worker to cancel a running one."""
+        if task.status == "queued":
+            now_ms = int(time.time() * 1000)
+            failed = serialize_result(
+                FUNCTION,
+                (task.n,),
+                {},
+                task.tries or 1,
+                int(task.enqueued_at.timestamp() * 1000) if task.enqueued_at else now_ms,
+                False,
+                asyncio.CancelledError(),
+                now_ms,
+                now_ms,
+                f"{task.id}:{FUNCTION}",
+                self.queue_name,
+                task.id,
+                serializer=queue.dumps,
+            )
+            assert failed is not None  # the payload is plain JSON
+            keys = [
+                self.queue_name,
+                queue.in_progress_key_prefix + task.id,
+                queue.job_key_prefix + task.id,
+                queue.result_key_prefix + task.id,
+            ]
+            ttl_ms = self.settings.task_result_ttl * 1000
+            if await self._abort_queued(keys=keys, args=[task.id, failed, ttl_ms]):
+                await self.redis.publish(queue.done_channel(self.settings), task.id)
+                return
+        # Running (or picked up meanwhile): the worker polls this set and cancels the job,
+        # which ends its child process.
+        await self._abort_running(
+            keys=[self.queue_name, queue.abort_jobs_ss],
+            args=[task.id, int(time.time() * 1000)],
+        )
+
+    # -- waiting --------------------------------------------------------------------------
+
+    async def wait(self, job_id: str, seconds: float) -> Task | None:
+        """Wait up to ``seconds`` for the task to finish; returns its latest state.
+
+        The worker publishes each finished job's id, so a waiter wakes as soon as the result
+        is stored; a slow poll underneath catches what a lost message would miss.
+        """
+        deadline = asyncio.get_running_loop().time() + seconds
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(future)
+        try:
+            while True:
+                task = await self.get(job_id)
+                if task is None or task.status in ("complete", "failed"):
+                    return task
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return task
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), min(remaining, 0.5))
+                except TimeoutError:
+                    continue
+                future = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(job_id, []).append(future)
+        finally:
+            waiting = self._waiters.get(job_id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiters.pop(job_id, None)
+
+    def _wake(self, job_id: str) -> None:
+        for future in self._waiters.pop(job_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    async def listen(self) -> None:
+        """Relay the worker's done messages to waiters; reconnects when Redis comes back."""
+        channel = queue.done_channel(self.settings)
+        backoff = 0.1
+        while not self._closing.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                backoff = 0.1
+                while not self._closing.is_set():
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message is not None and message["type"] == "message":
+                        self._wake(message["data"].decode())
+            except Exception as error:  # keep relaying after Redis errors; waiters also poll
+                if self._closing.is_set():
+                    break
+                log.warning("task notifications interrupted (%s); retrying", type(error).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+    def start(self) -> None:
+        self._closing.clear()
+        self._listener = asyncio.get_running_loop().create_task(self.listen())
+
+    async def stop(self) -> None:
+        # redis-py's get_message can turn a cancellation into a timeout error, so the loop
+        # also checks a flag; it ends within one get_message timeout either way.
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None

@@ -1,0 +1,112 @@
+"""JSON log lines, each carrying the id of the request it belongs to.
+
+The request id lives in a context variable set when a request starts (``observe.py``); a
+logging filter copies it onto every record, so any line logged while serving that request,
+from any module, names it. Hypercorn's access and error logs use the same formatter through
+``logconfig_dict`` in ``hypercorn.toml`` (its access records carry the response's
+``X-Request-ID`` header, which the app echoes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+from collections.abc import Mapping
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# LogRecord's own attributes; anything else on a record came from ``extra=`` and is logged.
+_STANDARD = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "request_id", "taskName"}
+)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id (or None) on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        return True
+
+
+def _access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
+    """Hypercorn's access-log atoms, minus the query string and request headers (which may
+    carry credentials): the path only, as the app's own request line logs the route."""
+    duration_us = atoms.get("D")
+    return {
+        "remote_addr": atoms.get("h"),
+        "method": atoms.get("m"),
+        "path": atoms.get("U"),
+        "protocol": atoms.get("H"),
+        "status": int(atoms["s"]) if str(atoms.get("s", "")).isdigit() else atoms.get("s"),
+        "bytes": atoms.get("b"),
+        "duration_ms": round(int(duration_us) / 1000, 3) if duration_us else None,
+        "request_id": atoms.get("{x-request-id}o") or None,
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, and any extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+        }
+        if record.name == "hypercorn.access" and isinstance(record.args, Mapping):
+            entry["message"] = "access"
+            entry.update(_access_fields(record.args))
+        else:
+            entry["message"] = record.getMessage()
+            entry["request_id"] = getattr(record, "request_id", None)
+            for key, value in record.__dict__.items():
+                if key not in _STANDARD and not key.startswith("_"):
+                    entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def logging_config(level: str = "INFO") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` dictionary: everything as JSON, stdout for access lines,
+    stderr for the rest. ``hypercorn.toml`` holds the same, for Hypercorn's own loggers."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": "service.obs.logs.RequestIdFilter"}},
+        "formatters": {"json": {"()": "service.obs.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "json",
+                "filters": ["request_id"],
+            },
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "json",
+                "filters": ["request_id"],
+            },
+        },
+        "loggers": {
+            "hypercorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+            "hypercorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+    }
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON logging for a process that is not started by Hypercorn (the worker, commands)."""
+    logging.config.dictConfig(logging_config(level))

@@ -1,0 +1,203 @@
+"""The tasks resource, and the Flask app's ``/heavy-task`` route, now off every event loop."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, current_app, g, request
+from quart_schema import document_headers, document_response, validate_querystring, validate_request
+
+from service.backends.resources import settings
+from service.backends.taskqueue import (
+    IdempotencyConflict,
+    QueueFull,
+    QueueUnavailable,
+    Task,
+    TaskQueue,
+)
+from service.errors import APIError, invalid
+from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
+from service.openapi import LocationHeader
+
+blueprint = Blueprint("tasks", __name__)
+
+_TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class NewTask(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    n: int = Field(ge=1, description="Sum the squares of 0 <= i < n. At most TASK_MAX_N.")
+
+
+# The Flask route's n; a TASK_MAX_N below it lowers the default to TASK_MAX_N.
+HEAVY_TASK_DEFAULT_N = 10**7
+
+
+class HeavyTaskQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(
+        default=HEAVY_TASK_DEFAULT_N,
+        ge=1,
+        description="Sum the squares of 0 <= i < n. At most TASK_MAX_N.",
+    )
+
+
+class TaskModel(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, complete or failed")
+    n: int | None
+    result: int | None = Field(description="The exact sum, once complete.")
+    error: str | None = Field(description="Why the task failed (`aborted`, `timed out: ...`).")
+    tries: int | None = Field(description="How many times a worker has started it.")
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class HeavyTaskResult(BaseModel):
+    result: int
+
+
+class SubmitHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        default=None,
+        pattern=_IDEMPOTENCY_KEY.pattern,
+        description="Retrying a POST with the same key returns the same task (1 to 255 visible "
+        "ASCII characters).",
+    )
+
+
+def task_queue() -> TaskQueue:
+    value: TaskQueue = current_app.extensions["task_queue"]
+    return value
+
+
+def _check_n(n: int) -> None:
+    limit = settings().task_max_n
+    if n > limit:
+        raise invalid(
+            f"n may be at most {limit}.", ["n"], f"must be at most {limit}", "less_than_equal"
+        )
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise invalid(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+            ["headers", "Idempotency-Key"],
+            "1 to 255 visible ASCII characters",
+        )
+    return key
+
+
+async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
+    retry_after = {"Retry-After": str(settings().task_retry_after)}
+    try:
+        # Idempotency-Keys are the client's own: scoped to its API key (none when open).
+        owner = g.get("api_key_name") or ""
+        task, created = await task_queue().submit(n, idempotency_key, owner)
+    except QueueFull:
+        TASKS_REFUSED.labels("full").inc()
+        raise APIError(
+            503,
+            f"The task queue is full ({settings().task_queue_limit} outstanding); retry later.",
+            headers=retry_after,
+        ) from None
+    except QueueUnavailable:
+        TASKS_REFUSED.labels("unavailable").inc()
+        raise APIError(
+            503, "The task queue is unavailable; retry later.", headers=retry_after
+        ) from None
+    except IdempotencyConflict:
+        raise APIError(
+            422,
+            "This Idempotency-Key was used for a task with another n.",
+            title="Idempotency-Key reused",
+        ) from None
+    if created:
+        TASKS_ACCEPTED.inc()
+    return task, created
+
+
+def _location(task: Task) -> dict[str, str]:
+    return {"Location": f"/tasks/{task.id}"}
+
+
+async def _find(task_id: str) -> Task:
+    task = await task_queue().get(task_id) if _TASK_ID.match(task_id) else None
+    if task is None:
+        raise APIError(404, f"No task with id {task_id!r} (results are kept for a limited time).")
+    return task
+
+
+@blueprint.post("/tasks")
+@validate_request(NewTask)
+@document_headers(SubmitHeaders)
+@document_response(TaskModel, 202, LocationHeader)
+async def create_task(data: NewTask) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Submit a sum of squares to the workers. Answers 202 with the task and its Location; 503
+    with Retry-After when the queue is full. An `Idempotency-Key` makes a retry return the same
+    task instead of a second one."""
+    _check_n(data.n)
+    task, _created = await _submit(data.n, _idempotency_key())
+    return task.to_json(), 202, _location(task)
+
+
+@blueprint.get("/tasks/<task_id>")
+@document_response(TaskModel)
+async def get_task(task_id: str) -> dict[str, Any]:
+    """A task's status (queued, running, complete, failed), result or error, and timestamps."""
+    return (await _find(task_id)).to_json()
+
+
+@blueprint.delete("/tasks/<task_id>")
+@document_response(TaskModel, 202)
+async def abort_task(task_id: str) -> tuple[dict[str, Any], int]:
+    """Abort a queued or running task: its computation is stopped and it ends `failed` with
+    the error `aborted`. A finished task cannot be aborted (409)."""
+    task = await _find(task_id)
+    if task.status in ("complete", "failed"):
+        raise APIError(409, f"Task {task_id} has already ended ({task.status}).", title="Conflict")
+    await task_queue().abort(task)
+    latest = await task_queue().get(task_id)
+    return (latest or task).to_json(), 202
+
+
+@blueprint.get("/heavy-task")
+@validate_querystring(HeavyTaskQuery)
+@document_response(HeavyTaskResult)
+@document_response(TaskModel, 202, LocationHeader)
+async def heavy_task(query_args: HeavyTaskQuery) -> Any:
+    """The Flask route: the sum of squares below n (default 10**7). The work runs on a worker;
+    this waits for it (up to TASK_WAIT) without blocking, answering `{"result": ...}`, or 202
+    with the task's Location when the wait runs out."""
+    n = query_args.n
+    if "n" not in query_args.model_fields_set:
+        n = min(n, settings().task_max_n)
+    _check_n(n)
+    task, _created = await _submit(n)
+    finished = await task_queue().wait(task.id, settings().task_wait)
+    if finished is None:
+        raise APIError(
+            503,
+            "The task's result expired before it was read.",
+            headers={"Retry-After": str(settings().task_retry_after)},
+        )
+    if finished.status == "complete":
+        return {"result": finished.result}
+    if finished.status == "failed":
+        status = 504 if (finished.error or "").startswith("timed out") else 502
+        raise APIError(
+            status,
+            f"The task failed: {finished.error}.",
+            headers=_location(finished),
+            task=finished.to_json(),
+        )
+    return finished.to_json(), 202, _location(finished)

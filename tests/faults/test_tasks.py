@@ -1,0 +1,192 @@
+"""Redis down or hung, and a worker killed mid-job: bounded 503s, no 500s, no lost task."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from quart.typing import TestClientProtocol as Client
+
+from service.config import Settings
+from tests.app.test_tasks import exact, submit, wait_for_status
+from tests.conftest import free_port
+from tests.support.hypercorn import hypercorn, output
+from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
+from tools.private_servers import private_redis
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+    return found
+
+
+def nice_of(pid: int) -> int:
+    """A process's nice value (field 19 of /proc/PID/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[16])
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def _mixed_load(
+    base_url: str, seconds: float, statuses: dict[str, Counter[int]], slowest: dict[str, float]
+) -> None:
+    """Users lookups, report reads and task submissions, for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    requests: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "users": ("GET", "/users", {"params": {"email": "a@example.com"}}),
+        "report": ("GET", "/expensive-operation", {}),
+        "submit": ("POST", "/tasks", {"json": {"n": 1000}}),
+        "heavy": ("GET", "/heavy-task", {"params": {"n": 1000}}),
+    }
+    async with httpx.AsyncClient(base_url=base_url, timeout=20) as http:
+
+        async def one(name: str) -> None:
+            method, path, options = requests[name]
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                response = await http.request(method, path, **options)
+                slowest[name] = max(slowest.get(name, 0.0), time.monotonic() - started)
+                statuses[name][response.status_code] += 1
+                if response.status_code == 503:
+                    assert "retry-after" in response.headers
+                    assert response.headers["content-type"] == "application/problem+json"
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(one(name) for name in requests))
+
+
+@pytest.mark.parametrize("fault", ["down", "hung"])
+async def test_redis_down_or_hung_costs_bounded_503s_for_tasks_only_and_recovers(
+    settings: Settings, port: int, fault: str
+) -> None:
+    with private_redis() as redis_server:
+        env = settings_env(
+            settings,
+            redis_url=redis_server.url,
+            redis_socket_timeout=0.5,
+            redis_connect_timeout=0.5,
+            cache_redis_timeout=0.3,
+            task_wait=2,
+        )
+        local = settings.model_copy(update={"redis_url": redis_server.url})
+        statuses: dict[str, Counter[int]] = {
+            name: Counter() for name in ("users", "report", "submit", "heavy")
+        }
+        slowest: dict[str, float] = {}
+        # With its metrics port on, as in production: a restart must not bind it twice.
+        with (
+            worker(local, worker_metrics_port=free_port()),
+            hypercorn(port, env) as (base_url, server),
+        ):
+            await _mixed_load(base_url, 1.5, statuses, slowest)
+            healthy = {name: Counter(counts) for name, counts in statuses.items()}
+            if fault == "down":
+                redis_server.stop()
+            else:
+                redis_server.freeze()
+            during: dict[str, Counter[int]] = {name: Counter() for name in statuses}
+            await _mixed_load(base_url, 3, during, slowest)
+            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                ready = (await http.get("/readyz")).json()
+            if fault == "down":
+                redis_server.start()
+            else:
+                redis_server.thaw()
+            recovered = None
+            back = time.monotonic()
+            async with httpx.AsyncClient(base_url=base_url, timeout=20) as http:
+                while time.monotonic() - back < 15:
+                    response = await http.get("/heavy-task", params={"n": 1000})
+                    if response.status_code == 200:
+                        recovered = time.monotonic() - back
+                        break
+                    await asyncio.sleep(0.1)
+            log = output(server)
+
+        print(f"{fault}: healthy {healthy}, during {during}, slowest {slowest}, back {recovered}")
+        assert "Traceback" not in log
+        for name in statuses:
+            assert 500 not in healthy[name], (name, healthy)
+            assert 500 not in during[name], (name, during)
+        assert set(healthy["heavy"]) == {200}
+        # The users routes do not need Redis; the report is computed without its cache.
+        assert set(during["users"]) == {200}
+        assert set(during["report"]) == {200}
+        # Task routes need Redis: a clean 503 with Retry-After (checked in the load loop).
+        assert set(during["submit"]) == {503}
+        assert set(during["heavy"]) <= {503}
+        # Bounded: socket and connect timeouts are 0.5 s; nothing waits for the outage to end.
+        assert max(slowest.values()) < 5, slowest
+        assert ready["status"] == "degraded"
+        assert recovered is not None, "tasks never recovered"
+
+
+async def test_a_worker_killed_mid_job_leaves_no_orphan_and_the_job_completes_once(
+    client: Client, settings: Settings
+) -> None:
+    n = 20_000_000
+    # arq marks a running job for TASK_TIMEOUT + 15 s; after that another worker retries it.
+    env = settings_env(settings, task_timeout=5, worker_processes=1)
+    first = start_worker(env)
+    try:
+        wait_for_health(settings, first)
+        task = await (await submit(client, n)).get_json()
+        await wait_for_status(client, task["id"], {"running"})
+        computing = descendants(first.pid)
+        assert computing, "the worker should have compute processes"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        stop(first)
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in computing) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    assert not any(alive(pid) for pid in computing), "compute processes outlived their worker"
+
+    status = await (await client.get(f"/tasks/{task['id']}")).get_json()
+    assert status["status"] == "running"  # arq still holds its in-progress mark
+    killed_at = time.monotonic()
+    with worker(settings, task_timeout=5):
+        done = await wait_for_status(client, task["id"], {"complete", "failed"}, within=60)
+    print(f"retried and completed {time.monotonic() - killed_at:.1f} s after the kill")
+    assert done["status"] == "complete"
+    assert done["result"] == exact(n)
+    assert done["tries"] == 2
+
+
+async def test_compute_processes_yield_the_cpu_to_the_api(
+    client: Client, settings: Settings
+) -> None:
+    with worker(settings, worker_processes=1) as process:
+        task = await (await submit(client, 1000)).get_json()
+        await wait_for_status(client, task["id"], {"complete"})
+        niceness = {pid: nice_of(pid) for pid in descendants(process.pid)}
+        own = os.getpriority(os.PRIO_PROCESS, process.pid)
+    assert 10 in niceness.values(), niceness  # the compute process: WORKER_NICENESS
+    assert own == 0  # the worker's own event loop keeps its priority

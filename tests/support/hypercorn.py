@@ -1,0 +1,81 @@
+"""Helpers to run the service as its operators do: Hypercorn with hypercorn.toml, as a process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until_serving(
+    base_url: str, process: subprocess.Popen[bytes], timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before serving")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {base_url} did not answer within {timeout} s")
+
+
+@contextmanager
+def hypercorn(
+    port: int,
+    env: dict[str, str],
+    *extra_args: str,
+    app: str = "service.app:create_app()",
+    new_session: bool = False,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Hypercorn serving ``app`` with hypercorn.toml, bound to ``port``; stopped on exit.
+
+    ``new_session`` puts it in its own process group, for tests that signal the group.
+    """
+    command = [
+        sys.executable, "-m", "hypercorn", "--config", str(ROOT / "hypercorn.toml"),
+        "--bind", f"127.0.0.1:{port}", *extra_args, app,
+    ]  # fmt: skip
+    # Output goes to a file, not a pipe: a pipe nobody drains fills up and then blocks the
+    # server on its next log line. ``output(process)`` reads it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 -- kept open for output(); closed with the process object
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=new_session,
+    )
+    process.stdout = log
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(base_url, process)
+        yield base_url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def output(process: subprocess.Popen[bytes]) -> str:
+    """Everything the process has printed so far (its output is a file; see ``hypercorn``)."""
+    assert process.stdout is not None
+    process.stdout.seek(0)
+    return process.stdout.read().decode(errors="replace")

@@ -1,0 +1,31 @@
+"""The service's app plus one slow route, for shutdown tests that need requests in flight.
+
+Served by Hypercorn with hypercorn.toml as ``tests.support.slow_app:create_app()``; everything
+else is the real app (serving hooks, pools, the graceful drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from quart import Quart, request
+
+from service.app import create_app as create_service_app
+from service.backends.resources import connection, redis_client, settings
+
+
+def create_app() -> Quart:
+    app = create_service_app()
+
+    @app.get("/_test/slow")
+    async def slow() -> dict[str, object]:
+        seconds = float(request.args.get("s", "1"))
+        # Counted in Redis so the test knows when every request is in flight, in any worker.
+        await redis_client().incr(f"{settings().redis_prefix}in-flight")
+        await asyncio.sleep(seconds)
+        # The pool must still be open after the drain began: it closes only after it.
+        async with connection() as conn:
+            value = await conn.fetchval("SELECT 1")
+        return {"slept": seconds, "db": value}
+
+    return app
