@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.apikeys import parse_api_keys
 
+_DEVELOPMENT_TASK_ID_SECRET = "development-only-task-id-secret"  # noqa: S105 (refused in production)
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
 
@@ -62,9 +63,16 @@ class Settings(BaseSettings):
     readiness_timeout: float = Field(default=1.0, gt=0)
 
     # Tasks (arq): the API's limits and the worker's settings.
-    task_max_n: int = Field(default=10**9, ge=1)
+    # About 10 s of one core for the largest sum: well within TASK_TIMEOUT.
+    task_max_n: int = Field(default=10**8, ge=1)
     # Outstanding tasks (queued or running) beyond which submissions get 503.
     task_queue_limit: int = Field(default=100, ge=1)
+    # Outstanding tasks one client (API key; client address when keys are off) may have;
+    # past it, submissions get 429. Keeps one client from filling the queue for all others.
+    task_client_limit: int = Field(default=10, ge=1)
+    # The key idempotent task ids are derived under (HMAC), so ids cannot be computed from a
+    # key name and an Idempotency-Key. Required in production; development uses a fixed one.
+    task_id_secret: SecretStr = Field(default=SecretStr(_DEVELOPMENT_TASK_ID_SECRET), min_length=16)
     task_retry_after: int = Field(default=5, ge=1)
     # How long GET /heavy-task waits for the result before answering 202.
     task_wait: float = Field(default=30.0, ge=0)
@@ -166,6 +174,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "API_KEYS must hold at least one key when ENVIRONMENT=production "
                 "(make one with `python -m service keygen`)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _task_secret_in_production(self) -> Self:
+        if self.environment == "production" and self.task_id_secret.get_secret_value() == (
+            _DEVELOPMENT_TASK_ID_SECRET
+        ):
+            raise ValueError(
+                "TASK_ID_SECRET must be set when ENVIRONMENT=production "
+                "(for example `python -c 'import secrets; print(secrets.token_hex(32))'`)"
             )
         return self
 
