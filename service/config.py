@@ -33,12 +33,24 @@ class Settings(BaseSettings):
     db_connect_timeout: float = Field(default=5.0, gt=0)
     db_statement_timeout_ms: int = Field(default=10_000, ge=0)
 
+    # DATABASE_URL is a PgBouncer in transaction mode: no statement cache, no session state
+    # (PgBouncer sets statement_timeout with its connect_query), and migrations go to
+    # DATABASE_DIRECT_URL, since their advisory lock needs one session.
+    db_pgbouncer: bool = False
+    # PostgreSQL itself, bypassing any pooler: what migrations use when it is set.
+    database_direct_url: str | None = None
+
     redis_url: str = "redis://127.0.0.1:6379/0"
     # redis-py sets no socket timeouts by default and its default pool raises when full.
     redis_pool_max_size: int = Field(default=50, ge=1, le=10_000)
     redis_pool_timeout: float = Field(default=2.0, gt=0)
     redis_socket_timeout: float = Field(default=1.0, gt=0)
     redis_connect_timeout: float = Field(default=1.0, gt=0)
+    # Comma-separated host:port of Redis Sentinels; when set, the Redis of REDIS_URL (its
+    # password, database number and TLS options still apply) is the primary that these
+    # Sentinels name REDIS_SENTINEL_MASTER, followed through failovers.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
     # Every key the service and its workers write starts with this, so deployments (and
     # tests) can share one Redis.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
@@ -136,6 +148,31 @@ class Settings(BaseSettings):
                 raise ValueError(f"sslmode must be one of {', '.join(sorted(_PG_SSLMODES))}")
         return value
 
+    @field_validator("database_direct_url")
+    @classmethod
+    def _direct_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str) -> str:
+        for item in split_list(value):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("each Sentinel must be host:port")
+        return value
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels of REDIS_SENTINELS, or none."""
+        found = []
+        for item in split_list(self.redis_sentinels):
+            host, _, port = item.rpartition(":")
+            found.append((host.strip("[]"), int(port)))
+        return found
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
@@ -165,6 +202,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DB_POOL_MIN_SIZE ({self.db_pool_min_size}) must not exceed "
                 f"DB_POOL_MAX_SIZE ({self.db_pool_max_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _migrations_bypass_pgbouncer(self) -> Self:
+        if self.db_pgbouncer and not self.database_direct_url:
+            raise ValueError(
+                "DB_PGBOUNCER needs DATABASE_DIRECT_URL: migrations take a session lock that "
+                "PgBouncer's transaction mode cannot hold, so they connect to PostgreSQL itself"
             )
         return self
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import redis.asyncio as aioredis
 
-from service.backends.db import migrate_database
+from service.backends.db import connection_options, migrate_database
 from service.config import Settings
 from service.obs.logs import configure_logging
 
@@ -53,7 +53,11 @@ def _reason(error: BaseException) -> str:
 
 async def _check_postgres(settings: Settings) -> None:
     async with asyncio.timeout(settings.db_connect_timeout + 1):
-        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+        conn = await asyncpg.connect(
+            settings.database_url,
+            timeout=settings.db_connect_timeout,
+            **connection_options(settings),
+        )
         try:
             await conn.fetchval("SELECT 1")
         finally:
