@@ -14,6 +14,7 @@ from contextlib import ExitStack, contextmanager
 
 import asyncpg
 import httpx
+import pytest
 
 from service.config import Settings
 from service.ops.doctor import parse_metrics
@@ -21,6 +22,8 @@ from tests.app.test_observe import value
 from tests.conftest import free_port
 from tests.support.hypercorn import ROOT, hypercorn
 from tests.support.worker_procs import settings_env, worker
+
+pytestmark = pytest.mark.slow  # each test runs Hypercorn, a worker and the doctor
 
 Rows = dict[str, tuple[str, str]]
 

@@ -16,6 +16,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from service.obs.logs import RequestIdFilter
 from service.obs.loopwatch import LoopWatch, activity
 from service.ops.doctor import Samples, parse_metrics
@@ -192,7 +193,7 @@ async def test_a_wrong_profiling_token_is_served_as_usual_and_reveals_nothing(
     ):
         response = await http.get("/users/7", headers=headers)
         assert response.status_code == 404
-        assert response.content_type == "application/problem+json"
+        assert response.content_type == PROBLEM_JSON
         text = (await response.get_data(as_text=True)).lower() + str(response.headers).lower()
         assert "profil" not in text
         assert "pyinstrument" not in text
@@ -247,7 +248,7 @@ async def test_with_keys_only_an_admin_key_is_profiled_and_others_learn_nothing(
         as_reader = await client.get("/users/7", headers={**token, **bearer("reader")})
         as_all = await client.get("/users/7", headers={**token, **bearer("all")})
     assert as_reader.status_code == 404
-    assert as_reader.content_type == "application/problem+json"
+    assert as_reader.content_type == PROBLEM_JSON
     assert "profil" not in (await as_reader.get_data(as_text=True)).lower()
     assert as_all.status_code == 200
     assert "pyinstrument" in (await as_all.get_data(as_text=True)).lower()

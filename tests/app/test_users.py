@@ -9,9 +9,8 @@ import asyncpg
 import pytest
 from quart.typing import TestClientProtocol as Client
 
+from service.errors import PROBLEM_JSON
 from service.routes.users import encode_cursor
-
-PROBLEM = "application/problem+json"
 
 
 async def make_user(client: Client, email: str, name: str = "Ada") -> dict[str, Any]:
@@ -23,7 +22,7 @@ async def make_user(client: Client, email: str, name: str = "Ada") -> dict[str, 
 
 async def assert_problem(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, await response.get_data()
-    assert response.content_type == PROBLEM
+    assert response.content_type == PROBLEM_JSON
     body: dict[str, Any] = await response.get_json()
     assert body["status"] == status
     assert body["title"]
