@@ -47,7 +47,8 @@ down: $(VENV)/.installed
 ## BENCH_ARGS='--quick' for a smoke run
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
-## doctor: check the running service (DOCTOR_ARGS='--url http://host:port') against the five causes
+## doctor: check the running service (DOCTOR_ARGS='--url http://host:port'): server, event
+## loops, indexes, connections, Redis and the cache, the worker
 doctor: $(VENV)/.installed
 	$(PY) -m service doctor $(DOCTOR_ARGS)
 

@@ -117,7 +117,7 @@ def test_doctor_flags_a_blocking_route(settings: Settings) -> None:
 
 def test_doctor_flags_an_oversized_pool(settings: Settings) -> None:
     # Two workers x 60 connections: more than the 97 a default PostgreSQL lets clients open.
-    # The pools open one connection each now; the doctor reads what they may grow to.
+    # The pools open one connection each; the doctor reads what they may grow to.
     with deployment(settings, db_pool_min_size=1, db_pool_max_size=60) as base_url:
         code, rows = doctor(settings, base_url)
     assert code == 1

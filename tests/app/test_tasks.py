@@ -312,7 +312,7 @@ def test_health_command_tells_whether_a_worker_lives(settings: Settings) -> None
 async def test_a_task_max_n_below_the_default_lowers_heavy_task_default_n(
     make_client: ClientFactory,
 ) -> None:
-    # With TASK_MAX_N under 10**7, /heavy-task without n used to refuse its own default (422).
+    # With TASK_MAX_N under the default n (10**7), /heavy-task without n computes TASK_MAX_N.
     async with make_client(task_max_n=1000, task_wait=0) as client:
         response = await client.get("/heavy-task")
         assert response.status_code == 202, await response.get_data()

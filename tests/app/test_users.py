@@ -221,7 +221,7 @@ async def test_a_body_that_is_not_utf8_is_a_400_not_a_500(client: Client) -> Non
 async def test_a_nul_character_is_a_422_not_a_database_error(
     client: Client, method: str, path: str, payload: dict[str, Any]
 ) -> None:
-    # PostgreSQL text cannot hold NUL: it used to reach the database and come back as a 500.
+    # PostgreSQL text cannot hold NUL: it must be refused before it reaches the database.
     await assert_problem(await client.open(path, method=method, **payload), 422)
 
 
@@ -243,7 +243,7 @@ async def test_patch_without_a_body_or_with_nulls_is_422_as_the_description_says
 async def test_a_name_of_whitespace_only_is_422_as_the_description_says(
     client: Client, name: str
 ) -> None:
-    # A non-breaking space used to pass the description's minLength and fail the strip.
+    # A non-breaking space counts for the description's minLength but is stripped: refuse it.
     await assert_problem(await client.post("/users", json={"email": "a@b.com", "name": name}), 422)
 
 
