@@ -1,6 +1,6 @@
 """Metrics, blocking detection, slow queries, profiling and request ids, with the app's serving
 hooks running against real PostgreSQL and Redis (in this process: plain, non-multiprocess
-metrics; ``test_e2e_observe.py`` covers Hypercorn's worker processes)."""
+metrics; ``tests/e2e/test_observe.py`` covers Hypercorn's worker processes)."""
 
 from __future__ import annotations
 
