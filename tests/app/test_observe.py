@@ -102,12 +102,18 @@ async def test_a_blocking_route_is_reported_with_its_stack(
     before = value(await scrape(blocking_client), "event_loop_blocked_total")
     response = await blocking_client.get("/block", headers={"X-Request-ID": "blocker-1"})
     assert response.status_code == 200
-    reports = [r for r in caplog.records if r.name == "service.obs.loopwatch"]
-    assert reports, "no blocking reported"
+    # On a busy machine the loop can also be held past the threshold elsewhere (a test's
+    # setup, a callback): the report that matters is the one whose stack is the handler's.
+    reports = [
+        r
+        for r in caplog.records
+        if r.name == "service.obs.loopwatch"
+        and "deliberately_blocking_handler" in getattr(r, "stack", "")
+    ]
+    assert reports, "no blocking reported in the handler"
     report = reports[0]
     assert report.blocked_by == "GET /block (request blocker-1)"  # type: ignore[attr-defined]
     stack: str = report.stack  # type: ignore[attr-defined]
-    assert "deliberately_blocking_handler" in stack
     assert "time.sleep(0.5)" in stack
     after = await scrape(blocking_client)
     assert value(after, "event_loop_blocked_total") - before >= 1
