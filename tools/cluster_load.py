@@ -1,14 +1,16 @@
 """The many-host run's load: mixed requests through the load balancer, one JSON line each.
 
-``python -m tools.cluster_load URL SECONDS OUT``: user lookups and creates, the report, and
-tasks (submitted, then polled by id), from a few concurrent loops, each pausing between
-requests, for SECONDS; then every accepted task is followed until it ends (bounded).
+``python -m tools.cluster_load URL SECONDS OUT STOP``: user lookups and creates, the report,
+and tasks (submitted, then polled by id), from a few concurrent loops, each pausing between
+requests, until the file STOP exists or SECONDS pass; then every accepted task is followed
+until it ends (bounded).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -45,18 +47,27 @@ async def _one(http: httpx.AsyncClient, kind: str, recorder: Recorder, turn: int
         elif kind == "report":
             response = await http.get("/expensive-operation")
         else:
-            response = await http.post("/tasks", json={"n": 200_000 + turn})
+            # Every 25th task runs ~0.2 s, so a worker killed mid-run may well hold one.
+            n = 2_000_000 if turn % 25 == 0 else 200_000 + turn
+            response = await http.post("/tasks", json={"n": n})
     except httpx.HTTPError as error:
         recorder.record(kind, started, 0, error=type(error).__name__)
         return
-    recorder.record(kind, started, response.status_code)
+    extra = {}
+    if response.status_code >= 500:
+        # Who refused: the service's problem+json, or HAProxy's own page (no server left).
+        is_problem = response.headers.get("content-type", "").startswith("application/problem")
+        extra["by"] = "service" if is_problem else "balancer"
+    recorder.record(kind, started, response.status_code, **extra)
     if kind == "task" and response.status_code == 202:
         recorder.accepted.append((response.json()["id"], time.time()))
 
 
-async def _loop(http: httpx.AsyncClient, index: int, until: float, recorder: Recorder) -> None:
+async def _loop(
+    http: httpx.AsyncClient, index: int, until: float, stop: Path, recorder: Recorder
+) -> None:
     turn = index
-    while time.monotonic() < until:
+    while time.monotonic() < until and not os.path.exists(stop):  # noqa: ASYNC240 (one stat)
         await _one(http, KINDS[turn % len(KINDS)], recorder, turn)
         turn += 1
         await asyncio.sleep(PAUSE)
@@ -88,13 +99,15 @@ async def _follow(http: httpx.AsyncClient, recorder: Recorder, within: float) ->
     return states
 
 
-async def run(url: str, seconds: float, out_path: Path, follow_within: float = 120) -> None:
+async def run(
+    url: str, seconds: float, out_path: Path, stop: Path, follow_within: float = 120
+) -> None:
     with out_path.open("w") as out:
         recorder = Recorder(out)
         async with httpx.AsyncClient(base_url=url, timeout=15) as http:
             await http.post("/users", json={"email": "load@example.com", "name": "Load"})
             until = time.monotonic() + seconds
-            await asyncio.gather(*(_loop(http, i, until, recorder) for i in range(LOOPS)))
+            await asyncio.gather(*(_loop(http, i, until, stop, recorder) for i in range(LOOPS)))
             states = await _follow(http, recorder, follow_within)
         accepted_at = dict(recorder.accepted)
         for task_id, state in states.items():
@@ -103,4 +116,4 @@ async def run(url: str, seconds: float, out_path: Path, follow_within: float = 1
 
 
 if __name__ == "__main__":
-    asyncio.run(run(sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])))
+    asyncio.run(run(sys.argv[1], float(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])))
