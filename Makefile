@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## run: find or start PostgreSQL and Redis, migrate, serve the API (Hypercorn) and the worker
 run: $(VENV)/.installed
-	$(PY) -m tools.devstack run
+	$(PY) -m tools run
 
 ## test: the whole test suite against real PostgreSQL and Redis (started if need be)
 test: $(VENV)/.installed
@@ -34,7 +34,7 @@ migrate: $(VENV)/.installed
 
 ## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
 down: $(VENV)/.installed
-	$(PY) -m tools.devstack down
+	$(PY) -m tools down
 
 ## bench: the benchmark against the Flask original and the bare ASGI ceiling (bench/README.md);
 ## BENCH_ARGS='--quick' for a smoke run
@@ -50,8 +50,9 @@ lock: $(VENV)/.installed
 		--generate-hashes --quiet --output-file requirements.lock
 
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
+## (SCALE_OUT_ARGS='--tasks 4 --n 100000' for a shorter run)
 scale-out: $(VENV)/.installed
-	$(PY) tools/scale_out.py
+	$(PY) -m tools scale-out $(SCALE_OUT_ARGS)
 
 ## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
 ## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour

@@ -8,7 +8,7 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.config import Settings, load_settings
 from tests.app.test_auth import KEYS, api_keys, bearer, production
-from tests.conftest import free_port
+from tools.private_servers import free_port
 
 PROBLEM = "application/problem+json"
 

@@ -15,10 +15,9 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.config import Settings
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
-from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env
-from tools.private_servers import private_redis
+from tools.hypercorn_process import hypercorn
+from tools.private_servers import free_port, private_redis
 
 PATH = "/expensive-operation"
 

@@ -17,8 +17,8 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends import queue_contract as queue
 from service.config import Settings
-from tests.support.hypercorn import ROOT
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
+from tools import ROOT
 
 PROBLEM = "application/problem+json"
 HUGE = 10**9  # the largest n allowed, about a minute of CPU: only run to be timed out or aborted

@@ -17,8 +17,9 @@ import pytest
 from service.app import create_app
 from service.config import Settings
 from tests.app.test_auth import KEYS, api_keys, bearer, production
-from tests.conftest import free_port
-from tests.support.hypercorn import ROOT, hypercorn, output
+from tools import ROOT
+from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port
 
 SECRET_EMAIL = "private.person@example.com"
 

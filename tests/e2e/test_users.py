@@ -7,8 +7,8 @@ import asyncio
 import httpx
 
 from service.config import Settings
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env
+from tools.hypercorn_process import hypercorn
 
 
 async def test_users_routes_over_http_under_hypercorn(settings: Settings, port: int) -> None:

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 
 from service.backends.db import migrate
-from tests.support.hypercorn import hypercorn, output
+from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import private_postgres
 
 
