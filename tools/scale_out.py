@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
@@ -116,8 +117,16 @@ async def run_task(http: httpx.AsyncClient, api: str, n: int) -> Any:
 
 
 def jobs_started(worker_log: str) -> int:
-    """arq logs one ``→`` line per job it starts."""
-    return sum(1 for line in worker_log.splitlines() if " → " in line)
+    """arq logs one ``→`` line per job it starts; the worker writes JSON lines, in which the
+    arrow is escaped, so the messages are read, not the raw lines."""
+    started = 0
+    for line in worker_log.splitlines():
+        try:
+            message = str(json.loads(line).get("message", ""))
+        except (ValueError, AttributeError):
+            message = line
+        started += " → " in message
+    return started
 
 
 def image_command(stage: str) -> list[str]:
