@@ -23,28 +23,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.database import DOMAIN_SLOTS, database_url, seed_queries, seed_service, server_url
+from bench.machine import machine_info
+from bench.options import BENCH, HOST, LUA, ROOT
 from bench.procs import Group, _stat, role
 from bench.report import Load, parse_wrk
-from bench.run import (
-    BENCH,
-    DOMAIN_SLOTS,
-    HOST,
-    LUA,
-    ROOT,
-    SERVICE_REDIS_PREFIX,
-    check_tools,
-    database_urls,
-    machine_info,
-    seed,
-    seed_queries,
-    start_private_redis,
-    start_service,
-    stopping,
-)
+from bench.run import stopping
+from bench.systems import SERVICE_REDIS_PREFIX, check_tools, start_private_redis, start_service
 
 SOAK_DATABASE = "soak"
 
@@ -107,10 +95,6 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
-def soak_database_url(bench_url: str) -> str:
-    return urlunsplit(urlsplit(bench_url)._replace(path=f"/{SOAK_DATABASE}"))
-
-
 def prepare_database(server_url: str, soak_url: str, users: int) -> None:
     """The ``soak`` database, migrated and seeded afresh (the last soak's creations removed)."""
 
@@ -126,17 +110,8 @@ def prepare_database(server_url: str, soak_url: str, users: int) -> None:
     asyncio.run(create())
     env = {**os.environ, "DATABASE_URL": soak_url}
     subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, cwd=ROOT, check=True)
-    asyncio.run(reset_users(soak_url))
-    asyncio.run(seed(soak_url, users))
-
-
-async def reset_users(soak_url: str) -> None:
-    # The seeding is skipped when the count is right; a soak adds users, so start from none.
-    conn = await asyncpg.connect(soak_url)
-    try:
-        await seed_queries.clear_service_users(conn)
-    finally:
-        await conn.close()
+    # A soak adds users: it starts from exactly the seeded ones (seed_service empties first).
+    asyncio.run(seed_service(soak_url, users))
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -341,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logs = BENCH / ".logs" / f"soak-{stamp}"
-    server_url, bench_url = database_urls()
-    soak_url = soak_database_url(bench_url)
-    prepare_database(server_url, soak_url, opts.users)
+    server = server_url()
+    soak_url = database_url(server, SOAK_DATABASE)
+    prepare_database(server, soak_url, opts.users)
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
         capture_output=True,
