@@ -213,8 +213,13 @@ def _median_cells(loads: list[Load]) -> list[str]:
     names = ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")
     rps, p50, p99, cpu = (med([getattr(load, name) for load in loads]) for name in names)
     errors = [sum(x.non_2xx for x in loads), sum(x.socket_errors for x in loads)]
-    return [_fmt(None if rps is None else round(rps)), _fmt(p50), _fmt(p99), _fmt(cpu),
+    return [_fmt(None if rps is None else round(rps)), _fmt(_round(p50, 1)), _fmt(_round(p99, 1)),
+            _fmt(_round(cpu, 1)),
             *map(str, errors)]  # fmt: skip
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def scenarios_table(results: Results) -> tuple[list[str], list[str]]:
