@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def production_env(base: dict[str, str]) -> tuple[dict[str, str], dict[str, str]
         **base,
         "ENVIRONMENT": "production",
         "API_KEYS": key_entry("bench", key, ("read", "write", "admin")),
+        "TASK_ID_SECRET": secrets.token_hex(32),
         "RATE_LIMIT_ENABLED": "true",
         "RATE_LIMIT_READ": RATE_LIMIT_NEVER_REACHED,
         "RATE_LIMIT_WRITE": RATE_LIMIT_NEVER_REACHED,
