@@ -39,7 +39,7 @@ PARTS: list[tuple[str, str | None, str | None]] = [
     ("Quart: handle_request and below (the whole request)", r"^Quart\.handle_request ", None),
     ("  the request context (URL binding, headers)", r"^Quart\.request_context ", None),
     ("  before_request hooks (all)", r"^Quart\.preprocess_request ", None),
-    ("  query-string validation (quart-schema wrapper, no view)", r"^validate_querystring",
+    ("  query-string validation (the wrapper, without the view)", r"^validate_query",
      r"^list_users "),
     ("  the view (list_users and below)", r"^list_users ", None),
     ("    asyncpg Connection.fetch (the query)", r"^Connection\.fetch ", None),
