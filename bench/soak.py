@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ from bench.options import BENCH, HOST, LUA, ROOT
 from bench.procs import Group, _stat, role
 from bench.report import Load, parse_wrk
 from bench.run import stopping
-from bench.systems import SERVICE_REDIS_PREFIX, check_tools, start_private_redis, start_service
+from bench.systems import (
+    SERVICE_REDIS_PREFIX,
+    System,
+    check_tools,
+    start_private_redis,
+    start_service,
+)
 
 SOAK_DATABASE = "soak"
 
@@ -310,6 +316,121 @@ def drift(intervals: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+@dataclass
+class SoakRun:
+    """What the intervals gathered, and why the soak stopped early, if it did."""
+
+    intervals: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    start: dict[int, dict[str, Any]] = field(default_factory=dict)
+    end: dict[int, dict[str, Any]] = field(default_factory=dict)
+    aborted: str = ""
+
+
+def run_soak(system: System, opts: Options, load_before: tuple[float, ...]) -> SoakRun:
+    """Warm up, then the intervals until ``--duration`` is over or the service stops."""
+    run = SoakRun()
+    if opts.warmup:
+        _say(f"warm-up: {opts.warmup} s of the mixed load")
+        run_interval(system.port, opts.warmup, opts)
+    run.start = snapshot(system.groups)
+    _say(
+        f"soak: {opts.duration} s in {opts.interval} s intervals "
+        f"(load average {load_before[0]:.2f} at the start)"
+    )
+    began = time.monotonic()
+    while time.monotonic() - began < opts.duration - 1:
+        stopped = ended(system.groups)
+        if stopped:
+            run.aborted = stopped
+            break
+        seconds = min(opts.interval, round(opts.duration - (time.monotonic() - began)))
+        try:
+            loads = run_interval(system.port, max(seconds, 1), opts)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            run.aborted = ended(system.groups) or str(error).splitlines()[0]
+            break
+        elapsed = time.monotonic() - began
+        run.intervals.append(
+            {
+                "index": len(run.intervals) + 1,
+                "elapsed_s": round(elapsed, 1),
+                "load_average": round(os.getloadavg()[0], 2),
+                "loads": {name: asdict(load) for name, load in loads.items()},
+                "errors": {name: errors_of(load) for name, load in loads.items()},
+            }
+        )
+        run.samples.append({"elapsed_s": round(elapsed, 1), "processes": snapshot(system.groups)})
+        print(render_interval(len(run.intervals), elapsed, loads), flush=True)
+    run.end = snapshot(system.groups)
+    run.aborted = run.aborted or ended(system.groups)
+    return run
+
+
+def soak_verdict(run: SoakRun) -> dict[str, Any]:
+    """The processes' verdict, with the errors, the early stop and the latency drift."""
+    verdict = judge(run.start, run.end, [sample["processes"] for sample in run.samples])
+    total_errors = sum(sum(i["errors"].values()) for i in run.intervals)
+    verdict["errors"] = total_errors
+    verdict["deliberate_503"] = sum(
+        int(load.get("statuses", {}).get("503", 0))
+        for i in run.intervals
+        for load in i["loads"].values()
+    )
+    verdict["aborted"] = run.aborted
+    verdict["flat"] = (
+        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not run.aborted
+    )
+    verdict["latency"] = drift(run.intervals)
+    return verdict
+
+
+def print_summary(verdict: dict[str, Any], machine: dict[str, Any]) -> None:
+    print()
+    for name, figures in verdict["latency"].items():
+        print(
+            f"{name:<7} {figures['requests']:>8} requests; median p50 "
+            f"{figures['p50_ms_first_third']} -> {figures['p50_ms_last_third']} ms, median p99 "
+            f"{figures['p99_ms_first_third']} -> {figures['p99_ms_last_third']} ms "
+            "(first third -> last third of the intervals)"
+        )
+    print()
+    print(render_processes(verdict))
+    print(
+        f"\nerrors: {verdict['errors']} (deliberate 503s: {verdict['deliberate_503']}); "
+        f"RSS flat: {'yes' if verdict['rss_flat'] else 'NO'}; "
+        f"descriptors flat: {'yes' if verdict['fds_flat'] else 'NO'}; "
+        f"verdict: {'FLAT' if verdict['flat'] else 'NOT FLAT'}"
+    )
+    if verdict["aborted"]:
+        print(f"the soak stopped early: {verdict['aborted']}")
+    print(
+        f"load average (1, 5, 15 min): before {machine['load_average_before']}, "
+        f"after {machine['load_average_after']}"
+    )
+
+
+def save(opts: Options, stamp: str, run: SoakRun, verdict: dict[str, Any],
+         machine: dict[str, Any], notes: list[str]) -> Path:  # fmt: skip
+    settings = {
+        "duration_s": opts.duration, "interval_s": opts.interval, "warmup_s": opts.warmup,
+        "users": opts.users, "heavy_n": opts.heavy_n, "quick": opts.quick, "started_at": stamp,
+        "loads": {name: {"mode": m, "connections": c} for name, (m, c, _p, _n) in LOADS.items()},
+        "notes": notes,
+    }  # fmt: skip
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    out = opts.results_dir / f"soak-{stamp}{'-quick' if opts.quick else ''}.json"
+    results = {
+        "settings": settings,
+        "machine": machine,
+        "intervals": run.intervals,
+        "processes": {"start": run.start, "end": run.end, "samples": run.samples},
+        "verdict": verdict,
+    }
+    out.write_text(json.dumps(results, indent=2, default=str))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     check_tools()
@@ -325,11 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         text=True,
         check=False,
     ).stdout.strip()
-
     started: list[Group] = []
-    aborted = ""  # why the soak stopped before its time, if it did
-    intervals: list[dict[str, Any]] = []
-    samples: list[dict[str, Any]] = []
     try:
         with stopping(started):
             redis_port = start_private_redis(logs, started)
@@ -341,104 +458,17 @@ def main(argv: list[str] | None = None) -> int:
             }
             _say("starting the service")
             system = start_service(env, logs, started)
-            if opts.warmup:
-                _say(f"warm-up: {opts.warmup} s of the mixed load")
-                run_interval(system.port, opts.warmup, opts)
-            start = snapshot(system.groups)
-            _say(
-                f"soak: {opts.duration} s in {opts.interval} s intervals "
-                f"(load average {load_before[0]:.2f} at the start)"
-            )
-            began = time.monotonic()
-            index = 0
-            while time.monotonic() - began < opts.duration - 1:
-                stopped = ended(system.groups)
-                if stopped:
-                    aborted = stopped
-                    break
-                seconds = min(opts.interval, round(opts.duration - (time.monotonic() - began)))
-                try:
-                    loads = run_interval(system.port, max(seconds, 1), opts)
-                except (RuntimeError, subprocess.TimeoutExpired) as error:
-                    aborted = ended(system.groups) or str(error).splitlines()[0]
-                    break
-                index += 1
-                elapsed = time.monotonic() - began
-                processes = snapshot(system.groups)
-                intervals.append(
-                    {
-                        "index": index,
-                        "elapsed_s": round(elapsed, 1),
-                        "load_average": round(os.getloadavg()[0], 2),
-                        "loads": {name: asdict(load) for name, load in loads.items()},
-                        "errors": {name: errors_of(load) for name, load in loads.items()},
-                    }
-                )
-                samples.append({"elapsed_s": round(elapsed, 1), "processes": processes})
-                print(render_interval(index, elapsed, loads), flush=True)
-            end = snapshot(system.groups)
-            aborted = aborted or ended(system.groups)
+            run = run_soak(system, opts, load_before)
     except KeyboardInterrupt:
         _say("interrupted: every process the soak started has been stopped")
         return 130
-
-    verdict = judge(start, end, [sample["processes"] for sample in samples])
-    total_errors = sum(sum(i["errors"].values()) for i in intervals)
-    deliberate_503 = sum(
-        int(load.get("statuses", {}).get("503", 0))
-        for i in intervals
-        for load in i["loads"].values()
-    )
-    verdict["errors"] = total_errors
-    verdict["deliberate_503"] = deliberate_503
-    verdict["aborted"] = aborted
-    verdict["flat"] = (
-        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not aborted
-    )
+    verdict = soak_verdict(run)
     machine = machine_info(soak_url, None)
     machine["commit"] = commit  # the one measured, not what the tree holds by the end
     machine["load_average_before"] = [round(v, 2) for v in load_before]
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-
-    verdict["latency"] = drift(intervals)
-    print()
-    for name, figures in verdict["latency"].items():
-        print(
-            f"{name:<7} {figures['requests']:>8} requests; median p50 "
-            f"{figures['p50_ms_first_third']} -> {figures['p50_ms_last_third']} ms, median p99 "
-            f"{figures['p99_ms_first_third']} -> {figures['p99_ms_last_third']} ms "
-            "(first third -> last third of the intervals)"
-        )
-    print()
-    print(render_processes(verdict))
-    print(
-        f"\nerrors: {total_errors} (deliberate 503s: {deliberate_503}); "
-        f"RSS flat: {'yes' if verdict['rss_flat'] else 'NO'}; "
-        f"descriptors flat: {'yes' if verdict['fds_flat'] else 'NO'}; "
-        f"verdict: {'FLAT' if verdict['flat'] else 'NOT FLAT'}"
-    )
-    if aborted:
-        print(f"the soak stopped early: {aborted}")
-    print(
-        f"load average (1, 5, 15 min): before {machine['load_average_before']}, "
-        f"after {machine['load_average_after']}"
-    )
-    settings = {
-        "duration_s": opts.duration, "interval_s": opts.interval, "warmup_s": opts.warmup,
-        "users": opts.users, "heavy_n": opts.heavy_n, "quick": opts.quick, "started_at": stamp,
-        "loads": {name: {"mode": m, "connections": c} for name, (m, c, _p, _n) in LOADS.items()},
-        "notes": system.notes,
-    }  # fmt: skip
-    opts.results_dir.mkdir(parents=True, exist_ok=True)
-    out = opts.results_dir / f"soak-{stamp}{'-quick' if opts.quick else ''}.json"
-    results = {
-        "settings": settings,
-        "machine": machine,
-        "intervals": intervals,
-        "processes": {"start": start, "end": end, "samples": samples},
-        "verdict": verdict,
-    }
-    out.write_text(json.dumps(results, indent=2, default=str))
+    print_summary(verdict, machine)
+    out = save(opts, stamp, run, verdict, machine, system.notes)
     print(f"\nresults saved to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(f"logs of every process in {logs.relative_to(ROOT)}")
     return 0 if verdict["flat"] else 1
