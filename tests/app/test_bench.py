@@ -161,6 +161,7 @@ def test_rounds_become_medians_and_render_with_their_ratios() -> None:
     assert saved["rounds"][1]["service"]["cpu_us_per_request"] == 500
 
 
+@pytest.mark.slow
 def test_cpu_window_counts_a_real_process_group() -> None:
     # A child that burns 0.3 s of CPU (its own clock, not the wall's) and then idles.
     burn = (
@@ -187,6 +188,7 @@ def test_cpu_window_counts_a_real_process_group() -> None:
     assert process_cpu_ticks(2**22 + 12345) is None  # above pid_max: never a process
 
 
+@pytest.mark.slow
 def test_server_pids_leave_out_the_worker_and_its_children() -> None:
     # A stand-in for `devstack run`: an API process and a `python -m workers` with a child.
     worker = (
