@@ -36,6 +36,8 @@ from bench.systems import Backends, check_tools, start_private_redis, start_syst
 PARTS: list[tuple[str, str | None, str | None]] = [
     ("outside the app: Hypercorn, h11, the loop (no Quart frame)", None, None),
     ("  h11 itself", r"\(h11/", None),
+    ("Quart's ASGI layer besides handle_request (sending the response)",
+     r"^ASGIHTTPConnection\.", r"^Quart\.handle_request "),
     ("Quart: handle_request and below (the whole request)", r"^Quart\.handle_request ", None),
     ("  the request context (URL binding, headers)", r"^Quart\.request_context ", None),
     ("  before_request hooks (all)", r"^Quart\.preprocess_request ", None),
