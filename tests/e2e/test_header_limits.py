@@ -8,7 +8,7 @@ import pytest
 
 from service.config import Settings
 from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn
+from tools.hypercorn_process import hypercorn
 
 LIMIT = 16 * 1024
 

@@ -18,7 +18,7 @@ from service.config import Settings
 from tests.app.test_auth import bearer
 from tests.conftest import free_port
 from tests.e2e.test_auth import production_env
-from tests.support.hypercorn import hypercorn, output
+from tools.hypercorn_process import hypercorn, output
 
 CONNECTIONS = 400
 LIMIT = 300
