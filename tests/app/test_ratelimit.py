@@ -78,7 +78,7 @@ async def test_with_redis_down_each_process_limits_on_its_own(
     # The local bucket: ceil(3 / RATE_LIMIT_PROCESSES=2) = 2 per process and window.
     assert [r.status_code for r in responses] == [200, 200, 429, 429, 429, 429]
     assert responses[0].headers["RateLimit"].startswith('"read";r=1;t=')
-    assert responses[2].content_type == PROBLEM
+    assert responses[2].content_type == PROBLEM_JSON
     warnings = [r for r in caplog.records if r.name == "service.pipeline.ratelimit"]
     # One warning for the outage, not one per request.
     assert len(warnings) == 1

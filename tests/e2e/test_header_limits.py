@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.conftest import free_port
 from tools.hypercorn_process import hypercorn
+from tools.private_servers import free_port
 
 LIMIT = 16 * 1024
 

@@ -16,9 +16,9 @@ import httpx
 
 from service.config import Settings
 from tests.app.test_auth import bearer
-from tests.conftest import free_port
 from tests.e2e.test_auth import production_env
 from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port
 
 CONNECTIONS = 400
 LIMIT = 300
