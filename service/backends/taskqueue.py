@@ -27,8 +27,6 @@ from service.config import Settings
 
 log = logging.getLogger(__name__)
 
-FUNCTION = "heavy_task"
-
 # KEYS: job, result, queue. ARGV: limit, payload, job expiry ms, score (enqueue time), id.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
@@ -155,7 +153,7 @@ class TaskQueue:
         """
         job_id = job_id_for(self.settings, idempotency_key, owner)
         now_ms = int(time.time() * 1000)
-        payload = serialize_job(FUNCTION, (n,), {}, None, now_ms, serializer=queue.dumps)
+        payload = serialize_job(queue.JOB_NAME, (n,), {}, None, now_ms, serializer=queue.dumps)
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
@@ -253,7 +251,7 @@ class TaskQueue:
         if task.status == "queued":
             now_ms = int(time.time() * 1000)
             failed = serialize_result(
-                FUNCTION,
+                queue.JOB_NAME,
                 (task.n,),
                 {},
                 task.tries or 1,
@@ -262,7 +260,7 @@ class TaskQueue:
                 asyncio.CancelledError(),
                 now_ms,
                 now_ms,
-                f"{task.id}:{FUNCTION}",
+                f"{task.id}:{queue.JOB_NAME}",
                 self.queue_name,
                 task.id,
                 serializer=queue.dumps,

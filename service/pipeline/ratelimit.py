@@ -8,6 +8,9 @@ three round trips for the same: its hit, then a get and a TTL for the window sta
 
 When Redis fails or is slow, the limiter lets requests through rather than failing them, and
 stops asking Redis for a few seconds so a dead Redis costs no request more than one timeout.
+
+:func:`count` is the pipeline's step: it runs after the key is identified and before it is
+judged, so a flood of bad keys is limited too.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from quart import request
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from service.config import Settings
+from service.errors import APIError
+from service.pipeline.state import RequestState, Setup
 
 log = logging.getLogger(__name__)
 
@@ -114,4 +120,24 @@ class RateLimiter:
             window=self.window,
             used=int(used),
             reset=max(math.ceil(int(ttl_ms) / 1000), 1),
+        )
+
+
+async def count(setup: Setup, state: RequestState) -> None:
+    """Count the request against its key's (or its address's) limit; 429 once over it."""
+    limiter, scope = setup.limiter, state.scope
+    if limiter is None or scope is None or not setup.resources.serving:
+        return
+    key = state.key
+    identity = f"key:{key.name}" if key else f"addr:{request.remote_addr or '-'}"
+    verdict = await limiter.hit(setup.resources.redis, scope, identity)
+    if verdict is None:
+        return
+    state.rate_limit_headers = verdict.headers()
+    if not verdict.allowed:
+        raise APIError(
+            429,
+            f"Over the limit of {verdict.limit} {scope} requests per "
+            f"{verdict.window} s; retry after {verdict.reset} s.",
+            headers={"Retry-After": str(verdict.reset), **verdict.headers()},
         )

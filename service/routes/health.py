@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel
-from quart import Blueprint, current_app
+from quart import Blueprint
 from quart_schema import document_response
 
-from service.backends.resources import redis_client, settings
+from service.backends import checks as readiness
+from service.backends.resources import resources
+from service.contract import LIVENESS_PATH, READINESS_PATH
 
 log = logging.getLogger(__name__)
 
@@ -26,35 +29,22 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
-async def _check_postgres() -> str:
-    pool = current_app.extensions["db_pool"]
-    async with asyncio.timeout(settings().readiness_timeout):
-        await pool.fetchval("SELECT 1")
-    return "ok"
-
-
-async def _check_redis() -> str:
-    async with asyncio.timeout(settings().readiness_timeout):
-        await redis_client().ping()
-    return "ok"
-
-
-async def _outcome(check: Any) -> str:
+async def _outcome(check: Awaitable[None]) -> str:
     try:
-        result: str = await check()
+        await check
     except Exception as error:  # a probe reports any failure, it never raises
-        return f"unavailable ({type(error).__name__})"
-    return result
+        return readiness.unavailable(error)
+    return "ok"
 
 
-@blueprint.get("/healthz")
+@blueprint.get(LIVENESS_PATH)
 @document_response(Liveness)
 async def healthz() -> dict[str, str]:
     """The process is alive and its event loop answers."""
     return {"status": "ok"}
 
 
-@blueprint.get("/readyz")
+@blueprint.get(READINESS_PATH)
 @document_response(Readiness, 200)
 @document_response(Readiness, 503)
 async def readyz() -> tuple[dict[str, Any], int]:
@@ -64,7 +54,12 @@ async def readyz() -> tuple[dict[str, Any], int]:
     no user route can serve without it. Redis failing marks the service `degraded` but keeps it
     ready: the report is then computed without the cache and only task submission is refused.
     """
-    postgres, redis_state = await asyncio.gather(_outcome(_check_postgres), _outcome(_check_redis))
+    held = resources()
+    timeout = held.settings.readiness_timeout
+    postgres, redis_state = await asyncio.gather(
+        _outcome(readiness.postgres_answers(held.pool, timeout)),
+        _outcome(readiness.redis_answers(held.redis, timeout)),
+    )
     checks = {"postgres": postgres, "redis": redis_state}
     if postgres != "ok":
         return {"status": "unavailable", "checks": checks}, 503

@@ -7,10 +7,10 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint, current_app, g, request
+from quart import Blueprint, request
 from quart_schema import document_headers, document_response, validate_querystring, validate_request
 
-from service.backends.resources import settings
+from service.backends.resources import resources
 from service.backends.taskqueue import (
     IdempotencyConflict,
     QueueFull,
@@ -21,6 +21,7 @@ from service.backends.taskqueue import (
 from service.errors import APIError, invalid
 from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
 from service.openapi import LocationHeader
+from service.pipeline.state import request_state
 
 blueprint = Blueprint("tasks", __name__)
 
@@ -74,12 +75,11 @@ class SubmitHeaders(BaseModel):
 
 
 def task_queue() -> TaskQueue:
-    value: TaskQueue = current_app.extensions["task_queue"]
-    return value
+    return resources().task_queue
 
 
 def _check_n(n: int) -> None:
-    limit = settings().task_max_n
+    limit = resources().settings.task_max_n
     if n > limit:
         raise invalid(
             f"n may be at most {limit}.", ["n"], f"must be at most {limit}", "less_than_equal"
@@ -98,16 +98,18 @@ def _idempotency_key() -> str | None:
 
 
 async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
-    retry_after = {"Retry-After": str(settings().task_retry_after)}
+    config = resources().settings
+    retry_after = {"Retry-After": str(config.task_retry_after)}
     try:
         # Idempotency-Keys are the client's own: scoped to its API key (none when open).
-        owner = g.get("api_key_name") or ""
+        key = request_state().key
+        owner = key.name if key is not None else ""
         task, created = await task_queue().submit(n, idempotency_key, owner)
     except QueueFull:
         TASKS_REFUSED.labels("full").inc()
         raise APIError(
             503,
-            f"The task queue is full ({settings().task_queue_limit} outstanding); retry later.",
+            f"The task queue is full ({config.task_queue_limit} outstanding); retry later.",
             headers=retry_after,
         ) from None
     except QueueUnavailable:
@@ -180,15 +182,15 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
     with the task's Location when the wait runs out."""
     n = query_args.n
     if "n" not in query_args.model_fields_set:
-        n = min(n, settings().task_max_n)
+        n = min(n, resources().settings.task_max_n)
     _check_n(n)
     task, _created = await _submit(n)
-    finished = await task_queue().wait(task.id, settings().task_wait)
+    finished = await task_queue().wait(task.id, resources().settings.task_wait)
     if finished is None:
         raise APIError(
             503,
             "The task's result expired before it was read.",
-            headers={"Retry-After": str(settings().task_retry_after)},
+            headers={"Retry-After": str(resources().settings.task_retry_after)},
         )
     if finished.status == "complete":
         return {"result": finished.result}
