@@ -31,7 +31,17 @@ from service.config import Settings, split_list
 from service.pipeline import auth, body, drain, headers, instrument, ratelimit, request_id
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
-__all__ = ["STEPS", "After", "Before", "Pipeline", "RequestState", "Setup", "Teardown", "install"]
+__all__ = [
+    "STEPS",
+    "After",
+    "Before",
+    "Pipeline",
+    "RequestState",
+    "Setup",
+    "Step",
+    "Teardown",
+    "install",
+]
 
 BeforeStep = Callable[[Setup, RequestState], Awaitable[None]]
 AfterStep = Callable[[Setup, RequestState, Response], Awaitable[Response]]
