@@ -132,17 +132,20 @@ class Pipeline:
         self._teardown = tuple(step.run for step in self.steps if isinstance(step, Teardown))
 
     async def before_request(self) -> None:
+        """The ``before`` steps, on a fresh request state."""
         setup, state = self.setup, begin_request()
         for run in self._before:
             await run(setup, state)
 
     async def after_request(self, response: Response) -> Response:
+        """The ``after`` steps, each given the response the previous one returned."""
         setup, state = self.setup, request_state()
         for run in self._after:
             response = await run(setup, state, response)
         return response
 
     async def teardown_request(self, _: BaseException | None) -> None:
+        """The ``teardown`` steps."""
         setup, state = self.setup, request_state()
         for run in self._teardown:
             await run(setup, state)

@@ -40,6 +40,7 @@ class Setup:
 
     @property
     def settings(self) -> Settings:
+        """The app's settings (those of its resources)."""
         return self.resources.settings
 
 
