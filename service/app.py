@@ -14,6 +14,7 @@ from service.errors import register_error_handlers
 from service.obs.logs import configure_logging
 from service.openapi import ServiceOpenAPIProvider
 from service.pipeline import instrument
+from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
 from service.routes.reports import blueprint as reports_blueprint
 from service.routes.tasks import blueprint as tasks_blueprint
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     # handlers here return plain JSON-ready dicts, never models, so Quart's own make_response
     # serves them as they are. (A handler that returns a pydantic model must dump it itself.)
     del app.make_response
+    if settings.docs_served:
+        docs.install(app)
     register_error_handlers(app)
     held = resources.install(app, settings)  # the pool, Redis, the task queue, the report cache
     pipeline.install(app, held)  # every per-request step, in order (service/pipeline/)

@@ -13,6 +13,7 @@ import asyncio
 import asyncpg
 import redis.asyncio as aioredis
 
+from service.backends.db import connection_options
 from service.config import Settings
 
 POSTGRES_QUERY = "SELECT 1"
@@ -37,7 +38,9 @@ async def postgres_at(settings: Settings, within: float | None = None) -> None:
     """
     connect_timeout = settings.db_connect_timeout if within is None else within
     async with asyncio.timeout(connect_timeout + 1):
-        conn = await asyncpg.connect(settings.database_url, timeout=connect_timeout)
+        conn = await asyncpg.connect(
+            settings.database_url, timeout=connect_timeout, **connection_options(settings)
+        )
         try:
             await conn.fetchval(POSTGRES_QUERY)
         finally:

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -101,4 +102,8 @@ def run(
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Made here, in what becomes Hypercorn's master, so every worker inherits one folder
+        # that no one else can have made first (mkdtemp: a random name, mode 0700).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quart-service-metrics-")
     os.execvp(command[0], command)  # noqa: S606 (the operator's own command, as given)
