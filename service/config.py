@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
     worker_shutdown_grace: int = Field(default=30, ge=0)
 
-    # --- access and abuse: API keys, docs exposure, CORS, rate limits (service/pipeline/auth.py,
+    # --- who may call what: API keys, docs exposure, CORS, rate limits (service/pipeline/auth.py,
     # service/pipeline/ratelimit.py) ---
     # Comma-separated `name:sha256hex:scope+scope` (scopes: read, write, admin); the hash is
     # the SHA-256 of the key. `python -m service keygen` prints a key and its entry. Required

@@ -22,7 +22,7 @@ from service.config import Settings
 if TYPE_CHECKING:
     from pyinstrument import Profiler
 
-    from service.pipeline.ratelimit import RateLimiter
+    from service.pipeline.limiter import RateLimiter
 
 # The one attribute of `g` the pipeline uses.
 _ATTRIBUTE = "request_state"
