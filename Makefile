@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out
+.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out cluster-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ lock: $(VENV)/.installed
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
 scale-out: $(VENV)/.installed
 	$(PY) tools/scale_out.py
+
+## cluster-test: (as root) PostgreSQL, Redis, two APIs, two workers and HAProxy on network-namespace
+## hosts; each host failure in turn under mixed load; the per-fault table (bench/results/cluster-*.json)
+cluster-test: $(VENV)/.installed
+	sh tools/debian_packages.sh haproxy:haproxy curl:curl
+	$(PY) -m tools.cluster
 
 ## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
 ## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour
