@@ -27,8 +27,6 @@ from service.config import Settings
 
 log = logging.getLogger(__name__)
 
-FUNCTION = "heavy_task"
-
 # KEYS: job, result, queue, owner, the client's outstanding set.
 # ARGV: queue limit, payload, job expiry ms, score (enqueue time), id, owner, client limit,
 # owner ttl ms. The client's set holds its tasks still in the queue (arq keeps a job there
@@ -194,7 +192,7 @@ class TaskQueue:
         job_id = job_id_for(self.settings, idempotency_key, owner)
         client = owner if client is None else client
         now_ms = int(time.time() * 1000)
-        payload = serialize_job(FUNCTION, (n,), {}, None, now_ms, serializer=queue.dumps)
+        payload = serialize_job(queue.JOB_NAME, (n,), {}, None, now_ms, serializer=queue.dumps)
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
@@ -321,7 +319,7 @@ class TaskQueue:
         if task.status == "queued":
             now_ms = int(time.time() * 1000)
             failed = serialize_result(
-                FUNCTION,
+                queue.JOB_NAME,
                 (task.n,),
                 {},
                 task.tries or 1,
@@ -330,7 +328,7 @@ class TaskQueue:
                 asyncio.CancelledError(),
                 now_ms,
                 now_ms,
-                f"{task.id}:{FUNCTION}",
+                f"{task.id}:{queue.JOB_NAME}",
                 self.queue_name,
                 task.id,
                 serializer=queue.dumps,
