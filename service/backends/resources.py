@@ -72,7 +72,7 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
             422, "A value in the request cannot be stored.", title="Validation failed"
         ) from error
     except asyncpg.InterfaceError as error:
-        if not conn.is_closed():
+        if not _connection_gone(conn):
             raise
         raise _database_unavailable(error) from error
     except asyncpg.exceptions.InternalClientError as error:
@@ -85,6 +85,16 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         raise _database_unavailable(error) from error
     finally:
         await _release(pool, conn, settings().db_acquire_timeout)
+
+
+def _connection_gone(conn: asyncpg.Connection) -> bool:
+    # A connection PostgreSQL dropped inside a transaction fails the transaction's exit with
+    # InterfaceError, and by then asyncpg's connection-lost callback has handed it back to the
+    # pool, so asking the proxy whether it is closed raises that same error.
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:

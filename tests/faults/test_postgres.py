@@ -9,8 +9,10 @@ from collections import Counter
 
 import asyncpg
 import httpx
+from quart.typing import TestClientProtocol as Client
 
 from service.backends.db import migrate
+from service.config import Settings
 from tests.support.hypercorn import hypercorn, output
 from tools.private_servers import private_postgres
 
@@ -85,3 +87,39 @@ async def test_postgres_restart_under_load_costs_503s_not_500s_and_recovers(port
         assert ready_down.json()["checks"]["postgres"].startswith("unavailable")
         assert recovered_after is not None, "never recovered"
         assert ready_up.status_code == 200
+
+
+async def _blocked_behind(db: asyncpg.Connection, locker_pid: int, within: float = 10) -> int:
+    """The pid of the backend waiting on a lock that ``locker_pid`` holds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        pid = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", locker_pid
+        )
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.02)
+    raise AssertionError("no backend waited on the lock")
+
+
+async def test_a_connection_terminated_mid_report_answers_503_not_500(
+    client: Client, db: asyncpg.Connection, settings: Settings
+) -> None:
+    # The report's first query waits on a lock this test holds, so its backend is known
+    # (ours alone: the one blocked behind our pid) and is cut while inside the transaction.
+    locker = await asyncpg.connect(settings.database_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            request = asyncio.create_task(client.get("/expensive-operation"))
+            report_pid = await _blocked_behind(db, await locker.fetchval("SELECT pg_backend_pid()"))
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", report_pid)
+            response = await asyncio.wait_for(request, 10)
+    finally:
+        await locker.close()
+    assert response.status_code == 503, await response.get_data(as_text=True)
+    assert response.headers["Retry-After"] == "1"
+    assert response.content_type == "application/problem+json"
+    # The pool recovers: the next report is computed on a fresh connection.
+    again = await client.get("/expensive-operation")
+    assert again.status_code == 200
