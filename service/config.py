@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.apikeys import parse_api_keys
 
+# Seconds the client waits past DB_STATEMENT_TIMEOUT_MS before it gives up on a query.
+DB_COMMAND_MARGIN = 1.0
+
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
 
@@ -30,6 +33,7 @@ class Settings(BaseSettings):
     # Without a timeout, pool.acquire() waits forever when every connection is busy.
     db_acquire_timeout: float = Field(default=5.0, gt=0)
     db_connect_timeout: float = Field(default=5.0, gt=0)
+    # Enforced by PostgreSQL; 0 turns it off (and with it the client's bound, below).
     db_statement_timeout_ms: int = Field(default=10_000, ge=0)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -168,6 +172,18 @@ class Settings(BaseSettings):
                 "(make one with `python -m service keygen`)"
             )
         return self
+
+    @property
+    def db_command_timeout(self) -> float | None:
+        """The client's bound on every query: the statement timeout plus a margin.
+
+        PostgreSQL enforces ``statement_timeout`` itself, so it cannot help when the server (or
+        the network to it) stops answering; past this bound the client gives up. The margin
+        lets the server's own cancel, which names the cause, arrive first when it still can.
+        """
+        if not self.db_statement_timeout_ms:
+            return None
+        return self.db_statement_timeout_ms / 1000 + DB_COMMAND_MARGIN
 
     @property
     def docs_served(self) -> bool:

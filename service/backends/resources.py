@@ -62,6 +62,12 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         raise _database_unavailable(error) from error
     try:
         yield conn
+    except TimeoutError as error:
+        # A query past the client's bound: the server did not answer, so the connection's
+        # state is unknown. End it rather than wait for a reply or a cancel that may never
+        # come when it is released; the pool opens a fresh one.
+        conn.terminate()
+        raise _database_unavailable(error) from error
     except DB_UNAVAILABLE as error:
         raise _database_unavailable(error) from error
     except asyncpg.DataError as error:

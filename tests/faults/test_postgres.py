@@ -4,6 +4,8 @@ and recovery without a restart of the service."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 
@@ -11,6 +13,7 @@ import asyncpg
 import httpx
 from quart.typing import TestClientProtocol as Client
 
+from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings
 from tests.support.hypercorn import hypercorn, output
@@ -123,3 +126,41 @@ async def test_a_connection_terminated_mid_report_answers_503_not_500(
     # The pool recovers: the next report is computed on a fresh connection.
     again = await client.get("/expensive-operation")
     assert again.status_code == 200
+
+
+async def test_a_frozen_backend_answers_503_within_the_query_bound_and_frees_the_pool(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    await db.execute("INSERT INTO users (email, name) VALUES ('a@example.com', 'A')")
+    bounded = settings.model_copy(
+        update={"db_statement_timeout_ms": 1000, "db_pool_min_size": 1, "db_pool_max_size": 1}
+    )
+    app = create_app(bounded)
+    async with app.test_app() as test_app:
+        http = test_app.test_client()
+        assert (await http.get("/users", query_string={"email": "a@example.com"})).status_code == 200
+        # The pool's one connection: its server process is this test's alone to freeze.
+        pool: asyncpg.Pool = app.extensions["db_pool"]
+        async with pool.acquire() as conn:
+            backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        try:
+            os.kill(backend, signal.SIGSTOP)
+            started = time.monotonic()
+            frozen = await asyncio.wait_for(
+                http.get("/users", query_string={"email": "a@example.com"}), 15
+            )
+            took = time.monotonic() - started
+            # The frozen connection was dropped, not kept: the next request gets a fresh one.
+            after = await asyncio.wait_for(
+                http.get("/users", query_string={"email": "a@example.com"}), 15
+            )
+        finally:
+            os.kill(backend, signal.SIGCONT)
+    print(f"frozen backend: {frozen.status_code} after {took:.2f} s; next {after.status_code}")
+    assert frozen.status_code == 503
+    assert frozen.headers["Retry-After"] == "1"
+    assert frozen.content_type == "application/problem+json"
+    # The bound is the client's (statement timeout plus its margin), not a release wait on top.
+    assert bounded.db_command_timeout is not None
+    assert bounded.db_command_timeout <= took < bounded.db_command_timeout + 1.5
+    assert after.status_code == 200
