@@ -138,7 +138,8 @@ async def test_a_frozen_backend_answers_503_within_the_query_bound_and_frees_the
     app = create_app(bounded)
     async with app.test_app() as test_app:
         http = test_app.test_client()
-        assert (await http.get("/users", query_string={"email": "a@example.com"})).status_code == 200
+        lookup = {"email": "a@example.com"}
+        assert (await http.get("/users", query_string=lookup)).status_code == 200
         # The pool's one connection: its server process is this test's alone to freeze.
         pool: asyncpg.Pool = app.extensions["db_pool"]
         async with pool.acquire() as conn:
@@ -146,14 +147,10 @@ async def test_a_frozen_backend_answers_503_within_the_query_bound_and_frees_the
         try:
             os.kill(backend, signal.SIGSTOP)
             started = time.monotonic()
-            frozen = await asyncio.wait_for(
-                http.get("/users", query_string={"email": "a@example.com"}), 15
-            )
+            frozen = await asyncio.wait_for(http.get("/users", query_string=lookup), 15)
             took = time.monotonic() - started
             # The frozen connection was dropped, not kept: the next request gets a fresh one.
-            after = await asyncio.wait_for(
-                http.get("/users", query_string={"email": "a@example.com"}), 15
-            )
+            after = await asyncio.wait_for(http.get("/users", query_string=lookup), 15)
         finally:
             os.kill(backend, signal.SIGCONT)
     print(f"frozen backend: {frozen.status_code} after {took:.2f} s; next {after.status_code}")
