@@ -98,7 +98,7 @@ def _connection_gone(conn: asyncpg.Connection) -> bool:
     # InterfaceError, and by then asyncpg's connection-lost callback has handed it back to the
     # pool, so asking the proxy whether it is closed raises that same error.
     try:
-        return conn.is_closed()
+        return bool(conn.is_closed())
     except asyncpg.InterfaceError:
         return True
 
