@@ -12,6 +12,13 @@ from service.apikeys import parse_api_keys
 
 # Seconds the client waits past DB_STATEMENT_TIMEOUT_MS before it gives up on a query.
 DB_COMMAND_MARGIN = 1.0
+# The statements one report computation runs (sql/reports.sql, in one transaction).
+REPORT_STATEMENTS = 3
+# Seconds the cache lock outlives the report's worst case, for the store and the release.
+CACHE_LOCK_MARGIN = 5.0
+# Without a statement timeout the report has no worst case: these stand in.
+CACHE_LOCK_TTL_UNBOUNDED = 30.0
+CACHE_LOCK_WAIT_UNBOUNDED = 10.0
 
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
@@ -50,11 +57,12 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(default=600.0, gt=0)
     # Each stored value lives cache_ttl less up to this fraction of it, at random.
     cache_ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
-    # The single-flight lock expires after this long even if its owner dies; keep it above the
-    # report's computing time (itself bounded by DB_STATEMENT_TIMEOUT_MS per query).
-    cache_lock_ttl: float = Field(default=30.0, gt=0)
+    # The single-flight lock expires after this long even if its owner dies. Unset: the
+    # report's worst case (see report_worst_case) plus a margin; set, it must exceed it.
+    cache_lock_ttl: float | None = Field(default=None, gt=0)
     # How long a request waits for another process's computation before computing itself.
-    cache_lock_wait: float = Field(default=10.0, gt=0)
+    # Unset: the report's worst case; set, it must be at least that.
+    cache_lock_wait: float | None = Field(default=None, gt=0)
     # Each cache command's bound; after a failure Redis is skipped for cache_retry_interval.
     cache_redis_timeout: float = Field(default=0.5, gt=0)
     cache_retry_interval: float = Field(default=5.0, gt=0)
@@ -165,6 +173,30 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _cache_lock_covers_the_report(self) -> Self:
+        # A lock that expires while its owner still computes, or a waiter that gives up first,
+        # sets several processes computing the same report exactly when PostgreSQL is slow.
+        worst = self.report_worst_case
+        if worst is None:
+            return self
+        why = (
+            f"the report's worst case of {worst:g} s (DB_ACQUIRE_TIMEOUT {self.db_acquire_timeout:g}"
+            f" s + {REPORT_STATEMENTS} statements x DB_STATEMENT_TIMEOUT_MS "
+            f"{self.db_statement_timeout_ms} ms + {DB_COMMAND_MARGIN:g} s each)"
+        )
+        if self.cache_lock_ttl is not None and self.cache_lock_ttl <= worst:
+            raise ValueError(
+                f"CACHE_LOCK_TTL ({self.cache_lock_ttl:g}) must exceed {why}, or the lock "
+                "expires while its owner still computes; leave it unset to derive it"
+            )
+        if self.cache_lock_wait is not None and self.cache_lock_wait < worst:
+            raise ValueError(
+                f"CACHE_LOCK_WAIT ({self.cache_lock_wait:g}) must be at least {why}, or waiters "
+                "compute the report alongside an owner still at work; leave it unset to derive it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _closed_in_production(self) -> Self:
         if self.environment == "production" and not parse_api_keys(self.api_keys):
             raise ValueError(
@@ -184,6 +216,31 @@ class Settings(BaseSettings):
         if not self.db_statement_timeout_ms:
             return None
         return self.db_statement_timeout_ms / 1000 + DB_COMMAND_MARGIN
+
+    @property
+    def report_worst_case(self) -> float | None:
+        """The longest one report computation can hold the cache lock: the pool's acquire
+        wait plus each statement's client bound. None without a statement timeout."""
+        if self.db_command_timeout is None:
+            return None
+        return self.db_acquire_timeout + REPORT_STATEMENTS * self.db_command_timeout
+
+    @property
+    def cache_lock_ttl_seconds(self) -> float:
+        """``CACHE_LOCK_TTL``, or derived: the report's worst case plus a margin."""
+        if self.cache_lock_ttl is not None:
+            return self.cache_lock_ttl
+        worst = self.report_worst_case
+        return CACHE_LOCK_TTL_UNBOUNDED if worst is None else worst + CACHE_LOCK_MARGIN
+
+    @property
+    def cache_lock_wait_seconds(self) -> float:
+        """``CACHE_LOCK_WAIT``, or derived: the report's worst case, so that waiting for the
+        owner is never longer than computing the report oneself would be."""
+        if self.cache_lock_wait is not None:
+            return self.cache_lock_wait
+        worst = self.report_worst_case
+        return CACHE_LOCK_WAIT_UNBOUNDED if worst is None else worst
 
     @property
     def docs_served(self) -> bool:
