@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     # Sentinels name REDIS_SENTINEL_MASTER, followed through failovers.
     redis_sentinels: str = ""
     redis_sentinel_master: str = "mymaster"
-    # Every key the service and its workers write starts with this, so deployments (and
-    # tests) can share one Redis.
+    # The service's own keys (queue, health, cache, rate limits) start with this; arq's job
+    # keys (arq:job:*, arq:result:*, arq:retry:*, ...) do not, so give each deployment its
+    # own Redis database rather than a prefix alone.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
 
     # The cached report of GET /expensive-operation (backends/cache.py, routes/reports.py).
