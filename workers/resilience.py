@@ -36,6 +36,14 @@ RETRY_FIRST = 0.1
 RETRY_MAX = 2.0
 
 
+def _reraise_cancellation(error: BaseException) -> None:
+    """Raise CancelledError if this task was cancelled: redis-py can turn a cancellation that
+    lands mid-command into a TimeoutError, and arq stops its poll loop by cancelling it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
+
+
 class ResilientWorker(Worker):
     """arq's ``Worker``, surviving Redis errors; ``stopping`` is set as soon as SIGTERM or
     SIGINT arrives, so whoever runs the worker knows not to start another."""
@@ -94,6 +102,7 @@ class ResilientWorker(Worker):
         try:
             await super()._poll_iteration()
         except REDIS_ERRORS as error:
+            _reraise_cancellation(error)
             self._note_outage(error)
             await asyncio.sleep(self._retry_in)
             self._retry_in = min(self._retry_in * 2, RETRY_MAX)
@@ -130,6 +139,7 @@ class ResilientWorker(Worker):
                 await write(*args, **kwargs)
                 return
             except REDIS_ERRORS as error:
+                _reraise_cancellation(error)
                 if time.monotonic() + delay > deadline:
                     raise
                 self._note_outage(error)

@@ -66,7 +66,8 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         # A query past the client's bound: the server did not answer, so the connection's
         # state is unknown. End it rather than wait for a reply or a cancel that may never
         # come when it is released; the pool opens a fresh one.
-        conn.terminate()
+        with contextlib.suppress(Exception):
+            conn.terminate()
         raise _database_unavailable(error) from error
     except DB_UNAVAILABLE as error:
         raise _database_unavailable(error) from error
