@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench soak doctor lock scale-out
+.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out cluster-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## run: find or start PostgreSQL and Redis, migrate, serve the API (Hypercorn) and the worker
 run: $(VENV)/.installed
-	$(PY) -m tools.devstack run
+	$(PY) -m tools run
 
 # The servers the tests run besides PostgreSQL and Redis (PgBouncer, Sentinel).
 SERVER_PACKAGES := pgbouncer:pgbouncer redis-sentinel:redis-sentinel
@@ -26,11 +26,18 @@ servers:
 test: $(VENV)/.installed servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## check: lint, format check, types
+## test-fast: tests/app without the tests marked slow (no processes started, no big tables);
+## under a minute. tests/conftest.py marks every other folder slow and fails an unmarked test
+## that starts a process.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests/app -m 'not slow' $(PYTEST_ARGS)
+
+## check: lint, format check, types, import contracts (pyproject.toml)
 check: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -41,13 +48,14 @@ migrate: $(VENV)/.installed
 
 ## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
 down: $(VENV)/.installed
-	$(PY) -m tools.devstack down
+	$(PY) -m tools down
 
 ## bench: the benchmark against the Flask original and the bare ASGI ceiling (bench/README.md);
 ## BENCH_ARGS='--quick' for a smoke run
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
-## doctor: check the running service (DOCTOR_ARGS='--url http://host:port') against the five causes
+## doctor: check the running service (DOCTOR_ARGS='--url http://host:port'): server, event
+## loops, indexes, connections, Redis and the cache, the worker
 doctor: $(VENV)/.installed
 	$(PY) -m service doctor $(DOCTOR_ARGS)
 
@@ -57,8 +65,15 @@ lock: $(VENV)/.installed
 		--generate-hashes --quiet --output-file requirements.lock
 
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
+## (SCALE_OUT_ARGS='--tasks 4 --n 100000' for a shorter run)
 scale-out: $(VENV)/.installed
-	$(PY) tools/scale_out.py
+	$(PY) -m tools scale-out $(SCALE_OUT_ARGS)
+
+## cluster-test: (as root) PostgreSQL, Redis, two APIs, two workers and HAProxy on network-namespace
+## hosts; each host failure in turn under mixed load; the per-fault table (bench/results/cluster-*.json)
+cluster-test: $(VENV)/.installed
+	sh tools/debian_packages.sh haproxy:haproxy curl:curl
+	$(PY) -m tools.cluster
 
 ## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
 ## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour
@@ -66,4 +81,4 @@ soak: $(VENV)/.installed
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -18,7 +19,29 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings, load_settings
-from tools.devstack import ensure_services
+from tools.devstack import ensure_services, with_search_path
+from tools.private_servers import free_port
+
+APP_TESTS = Path(__file__).parent / "app"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test outside tests/app runs processes: it is slow by its folder."""
+    for item in items:
+        if not item.path.is_relative_to(APP_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: Any) -> None:
+    """`make test-fast` runs the tests not marked slow; one that starts a process is slow."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +50,6 @@ def service_urls() -> dict[str, str]:
     urls = ensure_services()
     os.environ.update(urls)
     return urls
-
-
-def with_search_path(url: str, schema: str) -> str:
-    """The URL with asyncpg's server setting ``search_path`` pointing at ``schema``."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
-    query.append(("search_path", schema))
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @pytest.fixture
@@ -109,13 +124,6 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

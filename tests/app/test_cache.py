@@ -15,8 +15,7 @@ import redis.asyncio as aioredis
 from service.backends.cache import Cache
 from service.backends.db import SQL_DIR
 from service.config import REPORT_STATEMENTS, ConfigError, load_settings
-from tests.conftest import free_port
-from tools.private_servers import private_redis
+from tools.private_servers import free_port, private_redis
 
 
 class CountingLoader:
@@ -262,6 +261,7 @@ async def test_a_redis_that_hangs_costs_a_bounded_wait_then_the_value_is_compute
     assert loader.runs == 1
 
 
+@pytest.mark.slow
 async def test_the_cache_goes_back_to_redis_by_itself_when_redis_returns(
     redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:

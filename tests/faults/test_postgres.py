@@ -16,7 +16,8 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings
-from tests.support.hypercorn import hypercorn, output
+from service.errors import PROBLEM_JSON
+from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import private_postgres
 
 
@@ -46,7 +47,7 @@ async def test_postgres_restart_under_load_costs_503s_not_500s_and_recovers(port
                 statuses[response.status_code] += 1
                 if response.status_code == 503 and (
                     response.headers.get("retry-after") is None
-                    or response.headers["content-type"] != "application/problem+json"
+                    or response.headers["content-type"] != PROBLEM_JSON
                 ):
                     bad.append(response.text)
                 await asyncio.sleep(0.005)

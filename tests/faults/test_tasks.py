@@ -15,11 +15,11 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from tests.app.test_tasks import exact, submit, wait_for_status
-from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn, output
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
-from tools.private_servers import private_redis
+from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port, private_redis
 
 
 def descendants(pid: int) -> set[int]:
@@ -75,7 +75,7 @@ async def _mixed_load(
                 statuses[name][response.status_code] += 1
                 if response.status_code == 503:
                     assert "retry-after" in response.headers
-                    assert response.headers["content-type"] == "application/problem+json"
+                    assert response.headers["content-type"] == PROBLEM_JSON
                 await asyncio.sleep(0.01)
 
         await asyncio.gather(*(one(name) for name in requests))

@@ -19,8 +19,8 @@ from service.backends.redis import create_redis
 from service.backends.taskqueue import Task, TaskQueue
 from service.config import Settings
 from tests.app.test_tasks import exact
-from tests.support.hypercorn import ROOT
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health
+from tools import ROOT
 from tools.private_servers import PrivateRedis, private_redis
 
 # About 1 s of CPU per 10**7 on this machine, several times that when it is busy.
