@@ -18,6 +18,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.apikeys import ApiKey, format_api_keys, parse_api_keys
 
+# Seconds the client waits past DB_STATEMENT_TIMEOUT_MS before it gives up on a query.
+DB_COMMAND_MARGIN = 1.0
+# The statements one report computation runs (sql/reports.sql, in one transaction).
+REPORT_STATEMENTS = 3
+# Seconds the cache lock outlives the report's worst case, for the store and the release.
+CACHE_LOCK_MARGIN = 5.0
+# Without a statement timeout the report has no worst case: these stand in.
+CACHE_LOCK_TTL_UNBOUNDED = 30.0
+CACHE_LOCK_WAIT_UNBOUNDED = 10.0
+
 _DEVELOPMENT_TASK_ID_SECRET = "development-only-task-id-secret"  # noqa: S105 (refused in production)
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
@@ -56,6 +66,7 @@ class Settings(BaseSettings):
     # Without a timeout, pool.acquire() waits forever when every connection is busy.
     db_acquire_timeout: float = Field(default=5.0, gt=0)
     db_connect_timeout: float = Field(default=5.0, gt=0)
+    # Enforced by PostgreSQL; 0 turns it off (and with it the client's bound, below).
     db_statement_timeout_ms: int = Field(default=10_000, ge=0)
 
     # DATABASE_URL is a PgBouncer in transaction mode: no statement cache, no session state
@@ -76,19 +87,21 @@ class Settings(BaseSettings):
     # Sentinels name REDIS_SENTINEL_MASTER, followed through failovers.
     redis_sentinels: str = ""
     redis_sentinel_master: str = "mymaster"
-    # Every key the service and its workers write starts with this, so deployments (and
-    # tests) can share one Redis.
+    # The service's own keys (queue, health, cache, rate limits) start with this; arq's job
+    # keys (arq:job:*, arq:result:*, arq:retry:*, ...) do not, so give each deployment its
+    # own Redis database rather than a prefix alone.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
 
     # The cached report of GET /expensive-operation (backends/cache.py, routes/reports.py).
     cache_ttl: float = Field(default=600.0, gt=0)
     # Each stored value lives cache_ttl less up to this fraction of it, at random.
     cache_ttl_jitter: float = Field(default=0.1, ge=0, lt=1)
-    # The single-flight lock expires after this long even if its owner dies; keep it above the
-    # report's computing time (itself bounded by DB_STATEMENT_TIMEOUT_MS per query).
-    cache_lock_ttl: float = Field(default=30.0, gt=0)
+    # The single-flight lock expires after this long even if its owner dies. Unset: the
+    # report's worst case (see report_worst_case) plus a margin; set, it must exceed it.
+    cache_lock_ttl: float | None = Field(default=None, gt=0)
     # How long a request waits for another process's computation before computing itself.
-    cache_lock_wait: float = Field(default=10.0, gt=0)
+    # Unset: the report's worst case; set, it must be at least that.
+    cache_lock_wait: float | None = Field(default=None, gt=0)
     # Each cache command's bound; after a failure Redis is skipped for cache_retry_interval.
     cache_redis_timeout: float = Field(default=0.5, gt=0)
     cache_retry_interval: float = Field(default=5.0, gt=0)
@@ -236,6 +249,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _cache_lock_covers_the_report(self) -> Self:
+        # A lock that expires while its owner still computes, or a waiter that gives up first,
+        # sets several processes computing the same report exactly when PostgreSQL is slow.
+        worst = self.report_worst_case
+        if worst is None:
+            return self
+        why = (
+            f"the report's worst case of {worst:g} s (DB_ACQUIRE_TIMEOUT "
+            f"{self.db_acquire_timeout:g} s + {REPORT_STATEMENTS} statements x "
+            f"DB_STATEMENT_TIMEOUT_MS {self.db_statement_timeout_ms} ms + "
+            f"{DB_COMMAND_MARGIN:g} s each)"
+        )
+        if self.cache_lock_ttl is not None and self.cache_lock_ttl <= worst:
+            raise ValueError(
+                f"CACHE_LOCK_TTL ({self.cache_lock_ttl:g}) must exceed {why}, or the lock "
+                "expires while its owner still computes; leave it unset to derive it"
+            )
+        if self.cache_lock_wait is not None and self.cache_lock_wait < worst:
+            raise ValueError(
+                f"CACHE_LOCK_WAIT ({self.cache_lock_wait:g}) must be at least {why}, or waiters "
+                "compute the report alongside an owner still at work; leave it unset to derive it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _migrations_bypass_pgbouncer(self) -> Self:
         if self.db_pgbouncer and not self.database_direct_url:
             raise ValueError(
@@ -263,6 +301,43 @@ class Settings(BaseSettings):
                 "(for example `python -c 'import secrets; print(secrets.token_hex(32))'`)"
             )
         return self
+
+    @property
+    def db_command_timeout(self) -> float | None:
+        """The client's bound on every query: the statement timeout plus a margin.
+
+        PostgreSQL enforces ``statement_timeout`` itself, so it cannot help when the server (or
+        the network to it) stops answering; past this bound the client gives up. The margin
+        lets the server's own cancel, which names the cause, arrive first when it still can.
+        """
+        if not self.db_statement_timeout_ms:
+            return None
+        return self.db_statement_timeout_ms / 1000 + DB_COMMAND_MARGIN
+
+    @property
+    def report_worst_case(self) -> float | None:
+        """The longest one report computation can hold the cache lock: the pool's acquire
+        wait plus each statement's client bound. None without a statement timeout."""
+        if self.db_command_timeout is None:
+            return None
+        return self.db_acquire_timeout + REPORT_STATEMENTS * self.db_command_timeout
+
+    @property
+    def cache_lock_ttl_seconds(self) -> float:
+        """``CACHE_LOCK_TTL``, or derived: the report's worst case plus a margin."""
+        if self.cache_lock_ttl is not None:
+            return self.cache_lock_ttl
+        worst = self.report_worst_case
+        return CACHE_LOCK_TTL_UNBOUNDED if worst is None else worst + CACHE_LOCK_MARGIN
+
+    @property
+    def cache_lock_wait_seconds(self) -> float:
+        """``CACHE_LOCK_WAIT``, or derived: the report's worst case, so that waiting for the
+        owner is never longer than computing the report oneself would be."""
+        if self.cache_lock_wait is not None:
+            return self.cache_lock_wait
+        worst = self.report_worst_case
+        return CACHE_LOCK_WAIT_UNBOUNDED if worst is None else worst
 
     @property
     def docs_served(self) -> bool:

@@ -1,5 +1,6 @@
-"""``python -m workers``: run the arq worker. ``python -m workers health``: exit 0 only while a
-worker on this queue is alive (for a container health check)."""
+"""``python -m workers``: run the arq worker. ``python -m workers health [--pid PID]``: exit 0
+only while this host's workers on this queue (or the one with PID) are alive, for a container
+health check."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
 import redis.asyncio as aioredis
-from arq.worker import Worker
 
 from service.backends import queue_contract as queue
 from service.backends.redis import redis_pool
@@ -21,19 +22,52 @@ from service.obs.logs import configure_logging
 log = logging.getLogger("workers")
 
 
-async def _healthy(settings: Settings) -> bool:
+async def _healthy(settings: Settings, pid: int | None) -> tuple[bool, str]:
+    """Whether this host's workers (or the one with ``pid``) wrote their health keys lately."""
     client = aioredis.Redis(connection_pool=redis_pool(settings))
     try:
-        return bool(await client.exists(queue.health_check_key(settings)))
-    except Exception:
-        return False
+        if pid is not None:
+            identity = queue.worker_identity(pid)
+            alive = bool(await client.exists(queue.health_check_key(settings, identity)))
+            return alive, f"worker {identity} {'alive' if alive else 'not alive'}"
+        host = queue.worker_identity().rpartition(":")[0]
+        here = {
+            identity: alive
+            for identity, alive in (await queue.live_workers(client, settings)).items()
+            if identity.rpartition(":")[0] == host and _running(int(identity.rpartition(":")[2]))
+        }
+    except Exception as error:
+        return False, f"cannot read the health keys ({type(error).__name__})"
     finally:
         await client.aclose()
+    if not here:
+        return False, f"no worker on {host} has written a health key for this queue"
+    hung = sorted(identity for identity, alive in here.items() if not alive)
+    if hung:
+        return False, f"worker(s) {', '.join(hung)} not alive"
+    return True, f"worker(s) {', '.join(sorted(here))} alive"
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this pid exists here (whoever owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers")
     parser.add_argument("command", nargs="?", choices=["run", "health"], default="run")
+    parser.add_argument(
+        "--pid",
+        type=int,
+        help="health: check the worker with this process id on this host (default: every "
+        "worker of this queue running on this host)",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -42,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "health":
-        alive = asyncio.run(_healthy(settings))
-        print("worker alive" if alive else "no live worker on this queue")
+        alive, summary = asyncio.run(_healthy(settings, args.pid))
+        print(summary)
         return 0 if alive else 1
 
     configure_logging()  # JSON lines, as the API's
@@ -56,57 +90,46 @@ def main(argv: list[str] | None = None) -> int:
     return run_until_stopped(settings)
 
 
-async def _discard(worker: Worker) -> None:
-    """What arq's close() leaves behind when Redis is gone: the process pool (its shutdown
-    hook never ran), jobs still running on this loop, and its Redis pool."""
-    from .settings import shutdown
-
-    await shutdown(worker.ctx)
-    for task in worker.tasks.values():
-        task.cancel()
-    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-    if worker._pool is not None:
-        with contextlib.suppress(Exception):
-            await worker._pool.aclose(close_connection_pool=True)
-
-
 def run_until_stopped(settings: Settings) -> int:
-    """Run the arq worker until SIGTERM or SIGINT, starting it again after Redis failures.
+    """Run the worker until SIGTERM or SIGINT.
 
-    arq's worker exits on the first Redis error in its poll loop. A worker that dies with
-    every Redis blip would need an outside supervisor to come back; this one waits (with
-    backoff) and reconnects by itself. Jobs it was running are retried by arq.
+    Once started, the worker rides out Redis errors itself (``workers/resilience.py``). A
+    worker that cannot start (Redis unreachable as it connects) is started again with backoff,
+    so the process needs no outside supervisor to come back; a stop signal ends that at once.
     """
     from redis.exceptions import RedisError
 
+    from .resilience import ResilientWorker
     from .settings import start_metrics_server, worker_options
 
     start_metrics_server(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    # Set by the signal itself (ours between workers, the worker's own while one runs), so a
+    # signal that lands while a failed worker closes is never lost.
     stopping = asyncio.Event()
+    identity = queue.worker_identity()
     delay = 0.5
-    while True:
-        worker = Worker(**worker_options(settings))
-        # arq's own signal handler stops the worker; note it, so a signal that lands while a
-        # failed worker closes is not taken for a Redis failure to recover from.
-        worker.on_stop = lambda _signum: stopping.set()
+    while not stopping.is_set():
+        worker = ResilientWorker(
+            **worker_options(settings),
+            stopping=stopping,
+            identity=identity,
+            workers_key=queue.workers_key(settings),
+        )
         try:
             worker.run()
             return 0  # arq returns once a signal has stopped it
         except (RedisError, OSError) as error:
             if stopping.is_set():
                 return 0
-            log.warning("worker lost Redis (%s); starting again in %.1f s", error, delay)
-        finally:
-            loop.run_until_complete(_discard(worker))
+            log.warning("worker could not start (Redis: %s); trying again in %.1f s", error, delay)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         with contextlib.suppress(TimeoutError):
             loop.run_until_complete(asyncio.wait_for(stopping.wait(), delay))
-        if stopping.is_set():
-            return 0
         delay = min(delay * 2, 5.0)
+    return 0
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "redis_pool": arq_redis(settings),
         "queue_name": queue.queue_name(settings),
-        "health_check_key": queue.health_check_key(settings),
+        # This process's own key: each worker's health check reads its own.
+        "health_check_key": queue.health_check_key(settings, queue.worker_identity()),
         "health_check_interval": settings.worker_health_interval,
         "on_startup": startup,
         "on_shutdown": shutdown,

@@ -18,7 +18,9 @@ Single-flight has two layers:
 Redis failing or slow never fails a request: every cache command is bounded by ``op_timeout``,
 and after a failure the cache skips Redis for ``retry_interval`` seconds (computing, still
 single-flight within the process), logs the outage once per ``outage_log_interval``, and tries
-Redis again by itself afterwards.
+Redis again by itself afterwards. A lock's owner still stores its value and releases its lock
+in that window (each within ``op_timeout``), so one slow command does not leave the other
+processes waiting out ``lock_wait``.
 
 Written here rather than taken from a library: the maintained Python cache libraries (aiocache,
 cashews) do not combine a token-owned lock with a bounded wait and an in-process fallback when
@@ -141,8 +143,8 @@ class Cache:
             prefix=settings.redis_prefix,
             ttl=settings.cache_ttl,
             ttl_jitter=settings.cache_ttl_jitter,
-            lock_ttl=settings.cache_lock_ttl,
-            lock_wait=settings.cache_lock_wait,
+            lock_ttl=settings.cache_lock_ttl_seconds,
+            lock_wait=settings.cache_lock_wait_seconds,
             op_timeout=settings.cache_redis_timeout,
             retry_interval=settings.cache_retry_interval,
             outage_log_interval=settings.cache_outage_log_interval,
@@ -236,7 +238,8 @@ class Cache:
                     if cached is not None:
                         return cached
                     value = await self._load(name, version, loader)
-                    stored_ttl = await self._store(key, value, ttl)
+                    # Sent even inside a skip window: other processes wait for this value.
+                    stored_ttl = await self._store(key, value, ttl, owner=True)
                     return CacheOutcome(value, stored=stored_ttl is not None, ttl=stored_ttl)
                 finally:
                     await self._release(lock, token)
@@ -271,16 +274,18 @@ class Cache:
 
     # -- Redis commands, each bounded and never raising past this class -----------------------
 
-    async def _command(self, command: Awaitable[T]) -> T:
+    async def _command(self, command: Awaitable[T], *, owner: bool = False) -> T:
         """Run one Redis command within ``op_timeout``; any failure marks an outage.
 
         redis-py >= 4.5.4 (CVE-2023-28858/28859) drops a connection whose command was cancelled
         mid-flight, so a timeout here cannot hand a late reply to the next command. Once a
-        command has failed, the ones after it (storing, counting, releasing the lock) are not
+        command has failed, the ones after it (reading, counting, a waiter's store) are not
         sent until ``retry_interval`` has passed, so a request pays the timeout once, not once
-        per command; a lock left so expires by itself.
+        per command. The lock owner's store and release (``owner``) are sent regardless, each
+        still within ``op_timeout``: other processes are waiting for that value, and skipping
+        them after one slow command would leave them waiting out ``lock_wait``.
         """
-        if time.monotonic() < self._skip_until:
+        if not owner and time.monotonic() < self._skip_until:
             close = getattr(command, "close", None)
             if close is not None:
                 close()  # never sent: no "coroutine was never awaited" warning
@@ -313,12 +318,13 @@ class Cache:
             return None
         return CacheOutcome(value, hit=True, ttl=max(0, pttl) // 1000 if pttl >= 0 else None)
 
-    async def _store(self, key: str, value: Any, ttl: float) -> int | None:
+    async def _store(self, key: str, value: Any, ttl: float, *, owner: bool = False) -> int | None:
         """Store the value; its TTL in whole seconds, or None when Redis did not take it."""
         ttl_ms = max(1, int(ttl * 1000 * (1 - random.uniform(0, self.ttl_jitter))))
         try:
             await self._command(
-                self._redis.set(key, json.dumps(value, separators=(",", ":")), px=ttl_ms)
+                self._redis.set(key, json.dumps(value, separators=(",", ":")), px=ttl_ms),
+                owner=owner,
             )
         except _RedisUnavailable:
             return None
@@ -327,7 +333,7 @@ class Cache:
     async def _release(self, lock: str, token: str) -> None:
         # On failure the lock expires by itself after lock_ttl.
         with contextlib.suppress(_RedisUnavailable):
-            await self._command(self._release_lock(keys=[lock], args=[token]))
+            await self._command(self._release_lock(keys=[lock], args=[token]), owner=True)
 
     # -- outage bookkeeping --------------------------------------------------------------------
 

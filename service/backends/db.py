@@ -61,12 +61,15 @@ def connection_options(settings: Settings) -> dict[str, Any]:
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
-    """Open the pool; connections carry a statement timeout so no query runs unbounded."""
+    """Open the pool. No query runs unbounded: the server ends one past its statement timeout,
+    and the client gives up on one a margin later (``Settings.db_command_timeout``), which is
+    what still holds when the server stops answering."""
     pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
         timeout=settings.db_connect_timeout,
+        command_timeout=settings.db_command_timeout,
         init=installer(settings.slow_query_threshold),
         reset=_keep_session,
         **connection_options(settings),

@@ -4,8 +4,12 @@ the serializer."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from typing import Any
 
+import redis.asyncio as aioredis
 from arq.constants import (
     abort_jobs_ss,
     health_check_key_suffix,
@@ -25,11 +29,17 @@ __all__ = [
     "health_check_key",
     "in_progress_key_prefix",
     "job_key_prefix",
+    "live_workers",
     "loads",
     "queue_name",
     "result_key_prefix",
     "retry_key_prefix",
+    "worker_identity",
+    "workers_key",
 ]
+
+# A worker that wrote no health key for this long leaves the list of known workers.
+WORKERS_KEPT_FOR = 86_400
 
 
 # The one job the API enqueues and the worker runs (workers/jobs.py).
@@ -40,8 +50,36 @@ def queue_name(settings: Settings) -> str:
     return f"{settings.redis_prefix}arq:queue"
 
 
-def health_check_key(settings: Settings) -> str:
-    return queue_name(settings) + health_check_key_suffix
+def worker_identity(pid: int | None = None) -> str:
+    """A worker process as its health key names it: ``host:pid`` (this process by default)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def health_check_key(settings: Settings, identity: str) -> str:
+    """One worker's health key, which arq rewrites every ``WORKER_HEALTH_INTERVAL`` seconds
+    with a TTL one second longer. Per worker, so that each replica's check reads its own and a
+    hung worker is not reported alive by another."""
+    return f"{queue_name(settings)}{health_check_key_suffix}:{identity}"
+
+
+def workers_key(settings: Settings) -> str:
+    """A sorted set of the workers on this queue (``host:pid``), scored by when each last
+    wrote its health key: how a check finds the workers whose keys have expired."""
+    return f"{queue_name(settings)}:workers"
+
+
+async def live_workers(client: aioredis.Redis, settings: Settings) -> dict[str, bool]:
+    """Every worker seen on this queue in the last day, and whether its health key is fresh."""
+    since = time.time() - WORKERS_KEPT_FOR
+    members = await client.zrangebyscore(workers_key(settings), since, "+inf")
+    identities = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+    if not identities:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for identity in identities:
+            pipe.exists(health_check_key(settings, identity))
+        fresh = await pipe.execute()
+    return {identity: bool(alive) for identity, alive in zip(identities, fresh, strict=True)}
 
 
 def done_channel(settings: Settings) -> str:

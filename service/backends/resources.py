@@ -150,6 +150,13 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         raise _database_unavailable(error) from error
     try:
         yield conn
+    except TimeoutError as error:
+        # A query past the client's bound: the server did not answer, so the connection's
+        # state is unknown. End it rather than wait for a reply or a cancel that may never
+        # come when it is released; the pool opens a fresh one.
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise _database_unavailable(error) from error
     except DB_UNAVAILABLE as error:
         raise _database_unavailable(error) from error
     except asyncpg.DataError as error:
@@ -160,7 +167,7 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
             422, "A value in the request cannot be stored.", title="Validation failed"
         ) from error
     except asyncpg.InterfaceError as error:
-        if not conn.is_closed():
+        if not _connection_gone(conn):
             raise
         raise _database_unavailable(error) from error
     except asyncpg.exceptions.InternalClientError as error:
@@ -173,6 +180,16 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         raise _database_unavailable(error) from error
     finally:
         await _release(pool, conn, within)
+
+
+def _connection_gone(conn: asyncpg.Connection) -> bool:
+    # A connection PostgreSQL dropped inside a transaction fails the transaction's exit with
+    # InterfaceError, and by then asyncpg's connection-lost callback has handed it back to the
+    # pool, so asking the proxy whether it is closed raises that same error.
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:

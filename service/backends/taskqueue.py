@@ -50,12 +50,15 @@ return 1
 # A queued job not yet picked up is taken off the queue and failed at once. Touching its
 # in-progress key makes a worker that is just now claiming it (arq WATCHes that key) fail its
 # transaction and skip the job, instead of running it and overwriting the "aborted" result.
-# KEYS: queue, in-progress, job, result. ARGV: id, failed result, result ttl ms.
+# The retry count goes too, as arq's own finish does: a run cut off by an earlier shutdown
+# counted there would otherwise pass to a later task with the same id (an Idempotency-Key
+# reused once this result expires), which at TASK_MAX_TRIES fails without running.
+# KEYS: queue, in-progress, job, result, retry. ARGV: id, failed result, result ttl ms.
 _ABORT_QUEUED = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], '1', 'PX', 1000)
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[5])
 redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 return 1
 """
@@ -180,6 +183,7 @@ class TaskQueue:
         idempotency_key: str | None = None,
         owner: str = "",
         client: str | None = None,
+        attempts_left: int = 3,
     ) -> tuple[Task, bool]:
         """Enqueue ``heavy_task(n)``; returns the task and whether it was created now.
 
@@ -226,8 +230,15 @@ class TaskQueue:
                 raise QueueUnavailable(str(error)) from error
             # Enqueued, but Redis failed the read-back: the task is accepted, say so.
             return self._just_queued(job_id, n, now_ms, owner), True
-        if task is None:  # finished and expired between the two calls: submit again
-            return await self.submit(n, idempotency_key, owner, client)
+        if task is None:
+            # Finished and expired between the two calls: submit again, a bounded number of
+            # times. A job key whose queue entry is gone (an eviction, a hand-edited queue)
+            # reads as no task yet makes every enqueue find the job: that is not retried
+            # forever. Its key expires by itself.
+            if attempts_left <= 1:
+                log.warning("job key %s has no queue entry; not enqueued", job_id)
+                raise QueueUnavailable(f"job {job_id} is in an inconsistent state")
+            return await self.submit(n, idempotency_key, owner, client, attempts_left - 1)
         if outcome == 0 and task.n != n:
             raise IdempotencyConflict()
         return task, outcome == 1
@@ -339,6 +350,7 @@ class TaskQueue:
                 queue.in_progress_key_prefix + task.id,
                 queue.job_key_prefix + task.id,
                 queue.result_key_prefix + task.id,
+                queue.retry_key_prefix + task.id,
             ]
             ttl_ms = self.settings.task_result_ttl * 1000
             if await self._abort_queued(keys=keys, args=[task.id, failed, ttl_ms]):

@@ -265,7 +265,8 @@ async def check_redis(settings: Settings, samples: Samples, ready: dict[str, Any
 async def check_worker(settings: Settings) -> Check:
     client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        alive = bool(await client.exists(queue.health_check_key(settings)))
+        workers = await queue.live_workers(client, settings)
+        alive = any(workers.values())
         depth = int(await client.zcard(queue.queue_name(settings)))
     except Exception as error:
         return Check("worker", "fail", f"cannot read the queue ({type(error).__name__})")
@@ -275,9 +276,13 @@ async def check_worker(settings: Settings) -> Check:
     if not alive:
         return Check("worker", "fail", f"no live worker on {queue.queue_name(settings)} "
                      f"({depth} task(s) waiting)")  # fmt: skip
+    # Seen in the last day without a health key now: killed, or hung (a stuck loop, a SIGSTOP).
+    silent = sorted(identity for identity, fresh in workers.items() if not fresh)
+    live = f"worker alive ({sum(workers.values())} live"
+    live += f", {len(silent)} silent: {', '.join(silent[:3])})" if silent else ")"
     if depth >= 0.8 * limit:
-        return Check("worker", "warn", f"worker alive; queue {depth} of {limit}: near full")
-    return Check("worker", "pass", f"worker alive; queue depth {depth} of {limit}")
+        return Check("worker", "warn", f"{live}; queue {depth} of {limit}: near full")
+    return Check("worker", "pass", f"{live}; queue depth {depth} of {limit}")
 
 
 # -- all together --------------------------------------------------------------------------

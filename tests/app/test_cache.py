@@ -13,6 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.backends.cache import Cache
+from service.backends.db import SQL_DIR
+from service.config import REPORT_STATEMENTS, ConfigError, load_settings
 from tools.private_servers import free_port, private_redis
 
 
@@ -341,3 +343,45 @@ async def test_a_cancelled_redis_command_never_hands_its_reply_to_the_next_one(
             assert await client.ping() is True
         finally:
             await client.aclose()
+
+
+def test_the_lock_timings_are_derived_from_the_reports_worst_case() -> None:
+    settings = load_settings(db_acquire_timeout=1, db_statement_timeout_ms=2000)
+    # 1 s acquire + 3 statements x (2 s + the client's 1 s margin)
+    assert settings.report_worst_case == 10
+    cache = Cache.from_settings(aioredis.Redis(), settings)
+    assert cache.lock_wait == 10  # a waiter waits as long as the owner may take
+    assert cache.lock_ttl > 10  # and the lock outlives the owner's worst case
+    default = load_settings()
+    assert default.report_worst_case is not None
+    assert default.cache_lock_ttl_seconds > default.report_worst_case
+    assert default.cache_lock_wait_seconds >= default.report_worst_case
+
+
+def test_the_worst_case_counts_every_statement_of_the_report() -> None:
+    statements = (SQL_DIR / "reports.sql").read_text().count("-- name:")
+    assert statements == REPORT_STATEMENTS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"cache_lock_ttl": 30}, "CACHE_LOCK_TTL (30)"),
+        ({"cache_lock_wait": 10}, "CACHE_LOCK_WAIT (10)"),
+        ({"db_statement_timeout_ms": 60_000, "cache_lock_ttl": 100}, "CACHE_LOCK_TTL (100)"),
+    ],
+)
+def test_lock_timings_that_contradict_the_reports_worst_case_are_refused(
+    overrides: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**overrides)
+    message = str(caught.value)
+    assert named in message
+    assert "DB_STATEMENT_TIMEOUT_MS" in message
+    assert "DB_ACQUIRE_TIMEOUT" in message
+
+
+def test_lock_timings_within_the_worst_case_are_kept() -> None:
+    settings = load_settings(db_statement_timeout_ms=1000, cache_lock_ttl=60, cache_lock_wait=20)
+    assert (settings.cache_lock_ttl_seconds, settings.cache_lock_wait_seconds) == (60, 20)

@@ -4,13 +4,19 @@ and recovery without a restart of the service."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 
 import asyncpg
 import httpx
+from quart.typing import TestClientProtocol as Client
 
+from service.app import create_app
 from service.backends.db import migrate
+from service.backends.resources import resources
+from service.config import Settings
 from service.errors import PROBLEM_JSON
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import private_postgres
@@ -86,3 +92,74 @@ async def test_postgres_restart_under_load_costs_503s_not_500s_and_recovers(port
         assert ready_down.json()["checks"]["postgres"].startswith("unavailable")
         assert recovered_after is not None, "never recovered"
         assert ready_up.status_code == 200
+
+
+async def _blocked_behind(db: asyncpg.Connection, locker_pid: int, within: float = 10) -> int:
+    """The pid of the backend waiting on a lock that ``locker_pid`` holds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        pid = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", locker_pid
+        )
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.02)
+    raise AssertionError("no backend waited on the lock")
+
+
+async def test_a_connection_terminated_mid_report_answers_503_not_500(
+    client: Client, db: asyncpg.Connection, settings: Settings
+) -> None:
+    # The report's first query waits on a lock this test holds, so its backend is known
+    # (ours alone: the one blocked behind our pid) and is cut while inside the transaction.
+    locker = await asyncpg.connect(settings.database_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            request = asyncio.create_task(client.get("/expensive-operation"))
+            report_pid = await _blocked_behind(db, await locker.fetchval("SELECT pg_backend_pid()"))
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", report_pid)
+            response = await asyncio.wait_for(request, 10)
+    finally:
+        await locker.close()
+    assert response.status_code == 503, await response.get_data(as_text=True)
+    assert response.headers["Retry-After"] == "1"
+    assert response.content_type == "application/problem+json"
+    # The pool recovers: the next report is computed on a fresh connection.
+    again = await client.get("/expensive-operation")
+    assert again.status_code == 200
+
+
+async def test_a_frozen_backend_answers_503_within_the_query_bound_and_frees_the_pool(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    await db.execute("INSERT INTO users (email, name) VALUES ('a@example.com', 'A')")
+    bounded = settings.model_copy(
+        update={"db_statement_timeout_ms": 1000, "db_pool_min_size": 1, "db_pool_max_size": 1}
+    )
+    app = create_app(bounded)
+    async with app.test_app() as test_app:
+        http = test_app.test_client()
+        lookup = {"email": "a@example.com"}
+        assert (await http.get("/users", query_string=lookup)).status_code == 200
+        # The pool's one connection: its server process is this test's alone to freeze.
+        pool: asyncpg.Pool = resources(app).pool
+        async with pool.acquire() as conn:
+            backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        try:
+            os.kill(backend, signal.SIGSTOP)
+            started = time.monotonic()
+            frozen = await asyncio.wait_for(http.get("/users", query_string=lookup), 15)
+            took = time.monotonic() - started
+            # The frozen connection was dropped, not kept: the next request gets a fresh one.
+            after = await asyncio.wait_for(http.get("/users", query_string=lookup), 15)
+        finally:
+            os.kill(backend, signal.SIGCONT)
+    print(f"frozen backend: {frozen.status_code} after {took:.2f} s; next {after.status_code}")
+    assert frozen.status_code == 503
+    assert frozen.headers["Retry-After"] == "1"
+    assert frozen.content_type == "application/problem+json"
+    # The bound is the client's (statement timeout plus its margin), not a release wait on top.
+    assert bounded.db_command_timeout is not None
+    assert bounded.db_command_timeout <= took < bounded.db_command_timeout + 1.5
+    assert after.status_code == 200

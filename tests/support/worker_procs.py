@@ -46,9 +46,9 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
 def wait_for_health(
     settings: Settings, process: subprocess.Popen[bytes], timeout: float = 20
 ) -> None:
-    """Until the worker has written its health-check key (it is then polling the queue)."""
+    """Until the worker has written its own health-check key (it is then polling the queue)."""
     client = redis.Redis.from_url(settings.redis_url)
-    key = queue.health_check_key(settings)
+    key = queue.health_check_key(settings, queue.worker_identity(process.pid))
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
