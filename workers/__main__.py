@@ -79,6 +79,7 @@ def run_until_stopped(settings: Settings) -> int:
     """
     from redis.exceptions import RedisError
 
+    from .lease import LeasedWorker
     from .settings import start_metrics_server, worker_options
 
     start_metrics_server(settings)
@@ -87,7 +88,7 @@ def run_until_stopped(settings: Settings) -> int:
     stopping = asyncio.Event()
     delay = 0.5
     while True:
-        worker = Worker(**worker_options(settings))
+        worker = LeasedWorker(**worker_options(settings), lease=settings.task_lease)
         # arq's own signal handler stops the worker; note it, so a signal that lands while a
         # failed worker closes is not taken for a Redis failure to recover from.
         worker.on_stop = lambda _signum: stopping.set()
