@@ -11,11 +11,12 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import free_port
 from tools.devstack import as_postgres_user, port_open, postgres_bin
@@ -73,9 +74,13 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 
 
 class PrivateRedis:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    """A redis-server on ``port`` keeping its files in ``data_dir``; without persistence unless
+    ``options`` (redis-server arguments, which override the defaults) turn it on."""
+
+    def __init__(self, data_dir: Path, port: int, options: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.options = list(options)
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -85,20 +90,39 @@ class PrivateRedis:
             pytest.skip("redis-server is not installed")
         self.process = subprocess.Popen(
             [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.data_dir)],
+             "--appendonly", "no", *self.options, "--dir", str(self.data_dir)],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", self.port):
+        while not self._ready():
             if time.monotonic() > deadline:
                 raise RuntimeError("private redis did not start")
             time.sleep(0.02)
+
+    def _ready(self) -> bool:
+        """Answering commands: the port is open and any data on disk is loaded."""
+        if not port_open("127.0.0.1", self.port):
+            return False
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:  # BusyLoadingError while it reads its AOF
+            return False
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             self.process.wait(timeout=10)
+        self.process = None
+
+    def crash(self) -> None:
+        """SIGKILL: the server dies at once, writing nothing more."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
         self.process = None
 
     def freeze(self) -> None:
@@ -112,9 +136,9 @@ class PrivateRedis:
 
 
 @contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
+def private_redis(options: Sequence[str] = ()) -> Iterator[PrivateRedis]:
     base = Path(tempfile.mkdtemp(prefix="redisfault-"))
-    server = PrivateRedis(base, free_port())
+    server = PrivateRedis(base, free_port(), options)
     server.start()
     try:
         yield server
