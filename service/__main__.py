@@ -11,7 +11,7 @@ import sys
 import asyncpg
 
 from service.apikeys import SCOPES, generate_key, key_entry, parse_api_keys
-from service.backends.db import migrate_database
+from service.backends.db import MigrationChanged, migrate_database
 from service.config import ConfigError, load_settings
 from service.ops import preflight
 
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 3
+        except MigrationChanged as error:
+            print(f"cannot migrate: {error}", file=sys.stderr)
+            return 4
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     if args.command == "doctor":
         from service.ops.doctor import diagnose, render_table, worst
