@@ -3,6 +3,7 @@ again, with the Redis configuration compose.yaml ships; without persistence ever
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -19,11 +20,19 @@ TASKS = 100
 
 
 def shipped_redis_options() -> list[str]:
-    """The redis-server arguments of compose.yaml's redis service, without the program name."""
+    """The redis-server arguments of compose.yaml's redis service, less its password (the
+    private server here needs none)."""
     compose: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
     command: list[str] = compose["services"]["redis"]["command"]
-    assert command[0] == "redis-server"
-    return command[1:]
+    if command[:2] == ["sh", "-c"]:  # `exec redis-server ...` in a shell, for the password
+        command = shlex.split(command[2])
+        command = command[1:] if command[0] == "exec" else command
+    assert command[0] == "redis-server", command
+    options = command[1:]
+    if "--requirepass" in options:
+        at = options.index("--requirepass")
+        del options[at : at + 2]
+    return options
 
 
 async def accept_then_crash(settings: Settings, server: PrivateRedis) -> tuple[list[str], int]:
