@@ -39,7 +39,13 @@ async def accept_then_crash(settings: Settings, server: PrivateRedis) -> tuple[l
     """Submit TASKS tasks through the API (no worker runs, so all stay queued), SIGKILL Redis
     the moment the last 202 is answered, start it again on the same files; return the ids
     accepted and how many of them Redis still holds."""
-    local = settings.model_copy(update={"redis_url": server.url, "task_queue_limit": TASKS * 2})
+    local = settings.model_copy(
+        update={
+            "redis_url": server.url,
+            "task_queue_limit": TASKS * 2,
+            "task_client_limit": TASKS * 2,
+        }
+    )
     app = create_app(local)
     accepted: list[str] = []
     async with app.test_app() as test_app:
