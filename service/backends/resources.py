@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from quart import current_app
 
 from service.config import Settings
-from service.errors import APIError
+from service.errors import VALIDATION_TITLE, VALIDATION_TYPE, APIError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         # request's validation let through: the client's to fix, never a 500.
         log.warning("data PostgreSQL refused: %s", type(error).__name__)
         raise APIError(
-            422, "A value in the request cannot be stored.", title="Validation failed"
+            422,
+            "A value in the request cannot be stored.",
+            title=VALIDATION_TITLE,
+            type=VALIDATION_TYPE,
         ) from error
     except asyncpg.InterfaceError as error:
         if not conn.is_closed():
