@@ -22,21 +22,11 @@ import time
 from typing import Any
 
 from arq.worker import Worker
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from service.backends.queue_contract import in_progress_key_prefix
 
 log = logging.getLogger(__name__)
-
-# KEYS: the job's in-progress mark. ARGV: lease ms. A mark that ran out is set again: no other
-# worker holds the job then (one that claims it meanwhile finds the mark, or has its WATCHed
-# claim fail on this write). Returns 1 when renewed, 2 when taken again.
-_RENEW = """
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then return 1 end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-return 2
-"""
 
 
 class LeasedWorker(Worker):
@@ -49,7 +39,6 @@ class LeasedWorker(Worker):
         self.lease_s = lease
         self._renew_every = lease / 3
         self._last_renewal = time.monotonic()
-        self._renew: AsyncScript | None = None
 
     def computing_job_ids(self) -> list[str]:
         """The jobs whose function this worker is running now.
@@ -65,19 +54,18 @@ class LeasedWorker(Worker):
         if not job_ids:
             return
         lease_ms = int(self.lease_s * 1000)
-        if self._renew is None:
-            self._renew = self.pool.register_script(_RENEW)
         async with self.pool.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                await self._renew(
-                    keys=[in_progress_key_prefix + job_id], args=[lease_ms], client=pipe
-                )
-            outcomes = await pipe.execute()
-        for job_id, outcome in zip(job_ids, outcomes, strict=True):
-            if outcome == 2:
+                pipe.pexpire(in_progress_key_prefix + job_id, lease_ms)
+            renewed = await pipe.execute()
+        # PEXPIRE never sets a mark that is gone: a renewal that reaches Redis after arq deleted
+        # the mark of a job that just ended (or was cut off by a shutdown, to be retried) must
+        # not hold that job for another lease.
+        for job_id, kept in zip(job_ids, renewed, strict=True):
+            if not kept and job_id in self.job_tasks:
                 log.warning(
                     "lease of job %s ran out before it was renewed (loop or Redis too slow for "
-                    "TASK_LEASE); taken again, unless another worker started it meanwhile",
+                    "TASK_LEASE); another worker may run it too",
                     job_id,
                 )
 
