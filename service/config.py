@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     task_timeout: float = Field(default=120.0, gt=0)
     task_result_ttl: int = Field(default=24 * 3600, ge=60)
     task_max_tries: int = Field(default=3, ge=1)
+    # A running job is leased to its worker for this long and renewed while it runs; a job
+    # whose worker died runs again elsewhere one lease after the last renewal.
+    task_lease: float = Field(default=5.0, ge=0.5, le=300)
     # Child processes computing tasks in each worker; 0 means one per core.
     worker_processes: int = Field(default=0, ge=0, le=256)
     # arq polls the queue; 0.5 s (its default) would add 250 ms to every small task.

@@ -22,6 +22,11 @@ from service.obs.logs import request_id_var
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+# RFC 9457 reserves `about:blank` for problems whose title is the status phrase; a validation
+# failure has a title of its own, so it has a type of its own. A tag URI (RFC 4151): it
+# names the kind of problem and is not meant to be fetched.
+VALIDATION_TYPE = "tag:quart-service,2026:problems/validation"
+VALIDATION_TITLE = "Validation failed"
 
 
 class APIError(Exception):
@@ -49,7 +54,8 @@ def invalid(detail: str, loc: list[str], msg: str, kind: str = "value_error") ->
     return APIError(
         422,
         detail,
-        title="Validation failed",
+        title=VALIDATION_TITLE,
+        type=VALIDATION_TYPE,
         errors=[{"loc": loc, "msg": msg, "type": kind}],
     )
 
@@ -64,7 +70,7 @@ def problem(
 ) -> Response:
     """Build a problem+json response."""
     body: dict[str, Any] = {
-        "type": "about:blank",
+        "type": extra.pop("type", "about:blank"),
         "title": title or HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
@@ -106,7 +112,8 @@ def register_error_handlers(app: Quart) -> None:
         return problem(
             422,
             "The request does not match the schema.",
-            title="Validation failed",
+            title=VALIDATION_TITLE,
+            type=VALIDATION_TYPE,
             errors=_validation_errors(error.validation_error),
         )
 

@@ -11,12 +11,12 @@ something unexpected.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from pydantic import BaseModel
 from quart import Quart
-from quart_schema.openapi import OpenAPIProvider
+from quart_schema.openapi import QUART_SCHEMA_OPERATION_ID_ATTRIBUTE, OpenAPIProvider
 
 from service.backends.resources import resources
 from service.contract import BODY_METHODS, PROBE_PATHS
@@ -180,11 +180,42 @@ def _apply_security(document: dict[str, Any]) -> None:
             operation["security"] = []
 
 
+# Where the routes live (service/routes/<tag>.py) names their group in a generated client.
+TAGS = {
+    "users": "Users: create, read, update, delete, look up by e-mail, page through.",
+    "tasks": "Tasks: CPU work run by the workers.",
+    "reports": "The cached report over the users table.",
+    "health": "Liveness and readiness probes.",
+}
+# The operator serves the API at the root of whatever host the client reached.
+SERVERS = [
+    {"url": "/", "description": "This service (relative to the URL the document came from)."}
+]
+# No license is declared for the project; a client generator needs one named.
+LICENSE = {"name": "Proprietary"}
+
+
 class ServiceOpenAPIProvider(OpenAPIProvider):
-    """quart-schema's description, plus the problem responses of every operation."""
+    """quart-schema's description, plus the problem responses of every operation, readable
+    operation ids (the handler's name: ``get_user``, not ``get_get_user``) and tags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tags: dict[tuple[str, str], str] = {}
+
+    def operation_id(self, method: str, path: str, func: Callable[..., Any]) -> str | None:
+        module = func.__module__.rsplit(".", 1)[-1]
+        if module in TAGS:
+            self._tags[(method.lower(), path)] = module
+        return str(getattr(func, QUART_SCHEMA_OPERATION_ID_ATTRIBUTE, func.__name__))
 
     def schema(self) -> dict[str, Any]:
+        self._tags.clear()
         document = super().schema()
+        document["servers"] = SERVERS
+        document["info"]["license"] = LICENSE
+        used = sorted(set(self._tags.values()))
+        document["tags"] = [{"name": name, "description": TAGS[name]} for name in used]
         settings = resources(cast(Quart, self._app)).settings
         _apply_task_limit(document, settings.task_max_n)
         if settings.api_keys:
@@ -203,6 +234,8 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
                 for status in problem_statuses(method, path, operation):
                     responses.setdefault(str(status), problem_response(status))
                 operation["responses"] = responses
+                if (method, path) in self._tags:
+                    operation["tags"] = [self._tags[(method, path)]]
                 if "requestBody" in operation:
                     # Every body the service validates is required; quart-schema leaves the
                     # flag out, which says that a request without one is valid.

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,13 +142,22 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    """A redis-server on ``port`` that keeps nothing on disk; its pid file and log in
+    """A redis-server on ``port`` that keeps nothing on disk unless ``options`` (redis-server
+    arguments, which override the defaults) turn persistence on; its pid file and log in
     ``data_dir``. ``password`` makes it require one (``--requirepass``)."""
 
-    def __init__(self, data_dir: Path, port: int, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        *,
+        password: str | None = None,
+        options: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.password = password
+        self.options = list(options)
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}{HOST}:{port}/0"
         self.log = data_dir / "redis.log"
@@ -172,7 +181,7 @@ class PrivateRedis:
         command = [
             server, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
             "--dir", str(self.data_dir), "--pidfile", str(self.pid_file),
-            "--logfile", str(self.log),
+            "--logfile", str(self.log), *self.options,
         ]  # fmt: skip
         if self.password:
             command += ["--requirepass", self.password]
@@ -184,12 +193,31 @@ class PrivateRedis:
                 start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
-        while not port_open(HOST, self.port):
+        while not self._ready():
             exited = self.process is not None and self.process.poll() is not None
             if exited or time.monotonic() > deadline:
                 self.stop()
                 raise ServerError(f"the private Redis did not start; see {self.log}")
             time.sleep(0.02)
+
+    def _ready(self) -> bool:
+        """Answering commands: the port is open and any data on disk is loaded (a Redis
+        reading its AOF answers LOADING until it is done)."""
+        if not port_open(HOST, self.port):
+            return False
+        with socket.create_connection((HOST, self.port), timeout=1) as sock:
+            if self.password:
+                sock.sendall(f"AUTH {self.password}\r\n".encode())
+                sock.recv(64)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+
+    def crash(self) -> None:
+        """SIGKILL: the server dies at once, writing nothing more."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
 
     def stop(self) -> None:
         """Stop it (thawed first if frozen) and wait until it is gone."""
@@ -236,12 +264,15 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 
 @contextmanager
 def private_redis(
-    directory: Path | None = None, *, password: str | None = None
+    directory: Path | None = None,
+    *,
+    password: str | None = None,
+    options: Sequence[str] = (),
 ) -> Iterator[PrivateRedis]:
     """A Redis on a free port, its files in ``directory`` (default: a temporary directory,
     removed afterwards); stopped afterwards."""
     base = directory if directory is not None else Path(tempfile.mkdtemp(prefix="private-redis-"))
-    server = PrivateRedis(base, free_port(), password=password)
+    server = PrivateRedis(base, free_port(), password=password, options=options)
     try:
         server.start()
         yield server

@@ -113,6 +113,7 @@ def run_until_stopped(settings: Settings) -> int:
     while not stopping.is_set():
         worker = ResilientWorker(
             **worker_options(settings),
+            lease=settings.task_lease,
             stopping=stopping,
             identity=identity,
             workers_key=queue.workers_key(settings),

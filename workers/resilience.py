@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable
 from signal import Signals
 from typing import Any
 
-from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
 from service.obs.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
+from workers.lease import LeasedWorker
 
 log = logging.getLogger("workers")
 
@@ -44,7 +44,7 @@ def _reraise_cancellation(error: BaseException) -> None:
         raise asyncio.CancelledError from error
 
 
-class ResilientWorker(Worker):
+class ResilientWorker(LeasedWorker):
     """arq's ``Worker``, surviving Redis errors; ``stopping`` is set as soon as SIGTERM or
     SIGINT arrives, so whoever runs the worker knows not to start another."""
 

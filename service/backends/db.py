@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -89,11 +90,22 @@ def migration_files() -> list[tuple[int, str, Path]]:
     return found
 
 
+class MigrationChanged(Exception):
+    """An applied migration's file is no longer what was applied; the start must stop."""
+
+
+def checksum(path: Path) -> str:
+    """The SHA-256 of a migration file's bytes, as recorded when it is applied."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply the migrations not yet applied, each in its own transaction.
 
     An advisory lock serialises processes that start at once: the second waits, then finds
-    nothing left to do. Returns the names of the migrations this call applied.
+    nothing left to do. Each migration's checksum is recorded; one applied whose file has
+    changed since raises :class:`MigrationChanged` before anything is applied (the schema
+    would no longer be what the files say). Returns the names of the migrations applied now.
     """
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
@@ -107,14 +119,41 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             )
             """
         )
-        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, name, path in migration_files():
+        # Tables made before checksums were recorded get the column; their rows take the
+        # files' checksums as they are now, the first time this runs.
+        await conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text")
+        done = {
+            row["version"]: row["checksum"]
+            for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        files = [(version, name, path, checksum(path)) for version, name, path in migration_files()]
+        changed = [
+            f"{version:04d}_{name}.sql"
+            for version, name, _, digest in files
+            if done.get(version) not in (None, digest)
+        ]
+        if changed:
+            raise MigrationChanged(
+                f"applied migration {', '.join(changed)} changed since it was applied "
+                f"(its checksum in schema_migrations differs): restore the file and put the "
+                f"change in a new migration"
+            )
+        for version, name, path, digest in files:
             if version in done:
+                if done[version] is None:
+                    await conn.execute(
+                        "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                        version,
+                        digest,
+                    )
                 continue
             async with conn.transaction():
                 await conn.execute(path.read_text())
                 await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    version,
+                    name,
+                    digest,
                 )
             log.info("applied migration %04d_%s", version, name)
             applied_now.append(f"{version:04d}_{name}")

@@ -24,7 +24,7 @@ from service.backends.cache import Cache
 from service.backends.redis import create_redis
 from service.backends.taskqueue import TaskQueue
 from service.config import Settings
-from service.errors import APIError
+from service.errors import VALIDATION_TITLE, VALIDATION_TYPE, APIError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,10 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
         # request's validation let through: the client's to fix, never a 500.
         log.warning("data PostgreSQL refused: %s", type(error).__name__)
         raise APIError(
-            422, "A value in the request cannot be stored.", title="Validation failed"
+            422,
+            "A value in the request cannot be stored.",
+            title=VALIDATION_TITLE,
+            type=VALIDATION_TYPE,
         ) from error
     except asyncpg.InterfaceError as error:
         if not _connection_gone(conn):

@@ -25,13 +25,15 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from service.backends import checks as readiness
-from service.backends.db import migrate_database
+from service.backends.db import MigrationChanged, migrate_database
 from service.config import Settings
 from service.obs.logs import configure_logging
 
 log = logging.getLogger("service.ops.preflight")
 
 UNREACHABLE_EXIT = 3
+# An applied migration's file changed: starting would serve a schema the files do not describe.
+MIGRATION_CHANGED_EXIT = 4
 
 
 def _where(url: str) -> str:
@@ -95,7 +97,11 @@ def run(
         log.error("preflight: not starting; fix the above and start again")
         return UNREACHABLE_EXIT
     if migrate:
-        applied = asyncio.run(migrate_database(settings))
+        try:
+            applied = asyncio.run(migrate_database(settings))
+        except MigrationChanged as error:
+            log.error("preflight: cannot migrate: %s", error)
+            return MIGRATION_CHANGED_EXIT
         log.info("preflight: migrations applied: %s", ", ".join(applied) or "none")
     if not command:
         log.info("preflight: %s answer", " and ".join(needs))

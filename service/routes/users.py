@@ -229,4 +229,7 @@ async def delete_user(user_id: int) -> Response:
         deleted = await queries.delete_user(conn, id=user_id)
     if deleted is None:
         raise _not_found(user_id)
-    return Response(status=204)
+    response = Response(status=204)
+    # A 204 has no content, so no content type (Quart would send text/html).
+    del response.headers["Content-Type"]
+    return response

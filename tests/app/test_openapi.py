@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from openapi_spec_validator import validate
 from quart.typing import TestClientProtocol as Client
 
 from service.apikeys import generate_key, key_entry
@@ -86,3 +87,37 @@ async def test_the_bearer_scheme_is_declared_only_when_keys_are_configured(
     assert document["paths"]["/healthz"]["get"]["security"] == []
     assert document["paths"]["/readyz"]["get"]["security"] == []
     assert "security" not in document["paths"]["/users"]["get"]
+
+
+async def test_the_description_is_valid_openapi(client: Client) -> None:
+    validate(await description(client))  # raises OpenAPIValidationError naming what is wrong
+
+
+async def test_operation_ids_are_the_handlers_names_and_each_operation_has_its_tag(
+    client: Client,
+) -> None:
+    document = await description(client)
+    operations = {
+        (method, path): operation
+        for path, methods in document["paths"].items()
+        for method, operation in methods.items()
+    }
+    ids = [operation["operationId"] for operation in operations.values()]
+    assert len(ids) == len(set(ids))
+    assert operations[("get", "/users/{user_id}")]["operationId"] == "get_user"
+    assert operations[("post", "/tasks")]["operationId"] == "create_task"
+    # No method repeated in front of a name that already starts with it (get_get_user).
+    assert not [
+        name for name in ids if len(name.split("_")) > 1 and len(set(name.split("_")[:2])) == 1
+    ]
+    assert operations[("get", "/users/{user_id}")]["tags"] == ["users"]
+    assert operations[("get", "/heavy-task")]["tags"] == ["tasks"]
+    assert operations[("get", "/expensive-operation")]["tags"] == ["reports"]
+    assert operations[("get", "/readyz")]["tags"] == ["health"]
+    assert {tag["name"] for tag in document["tags"]} == {"users", "tasks", "reports", "health"}
+
+
+async def test_the_description_names_its_servers_and_license(client: Client) -> None:
+    document = await description(client)
+    assert document["servers"][0]["url"] == "/"
+    assert document["info"]["license"]["name"]

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from service.backends.db import load_queries, migrate, migration_files
+from service.backends import db as db_module
+from service.backends.db import MigrationChanged, checksum, load_queries, migrate, migration_files
+from service.config import Settings
+from tests.support.worker_procs import settings_env
+from tools import ROOT
 
 
 async def test_migrations_are_recorded_and_idempotent(db: asyncpg.Connection) -> None:
@@ -87,3 +96,66 @@ async def test_every_hot_query_uses_an_index_on_100k_users(db: asyncpg.Connectio
     # A new query with a WHERE clause must be added above; inserts have nothing to scan.
     named = {q for q in queries.available_queries if not q.endswith("_cursor")}
     assert named - {"create_user"} <= set(HOT_QUERIES)
+
+
+async def test_each_applied_migration_has_its_files_checksum_recorded(
+    db: asyncpg.Connection,
+) -> None:
+    recorded = {
+        row["version"]: row["checksum"]
+        for row in await db.fetch("SELECT version, checksum FROM schema_migrations")
+    }
+    assert recorded == {version: checksum(path) for version, _, path in migration_files()}
+
+
+def _copy_with_first_edited(target: Path) -> Path:
+    for _, _, path in migration_files():
+        shutil.copy(path, target / path.name)
+    first = sorted(target.glob("*.sql"))[0]
+    first.write_text(first.read_text() + "\n-- edited after it was applied\n")
+    return first
+
+
+async def test_an_applied_migration_whose_file_changed_stops_the_migration(
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _copy_with_first_edited(tmp_path)
+    monkeypatch.setattr(db_module, "MIGRATIONS_DIR", tmp_path)
+    with pytest.raises(MigrationChanged, match=first.name):
+        await migrate(db)
+
+
+async def test_a_table_from_before_checksums_gets_them_and_then_checks_them(
+    db: asyncpg.Connection,
+) -> None:
+    await db.execute("ALTER TABLE schema_migrations DROP COLUMN checksum")
+    assert await migrate(db) == []
+    recorded = await db.fetchval("SELECT count(checksum) FROM schema_migrations")
+    assert recorded == len(migration_files())
+    assert await migrate(db) == []
+
+
+@pytest.mark.slow
+def test_migrate_command_names_the_changed_migration_in_one_line_and_exits_4(
+    settings: Settings,
+) -> None:
+    async def tamper() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 1")
+        finally:
+            await conn.close()
+
+    asyncio.run(tamper())
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"],
+        cwd=ROOT,
+        env={**os.environ, **settings_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 4, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "0001_users.sql changed since it was applied" in lines[0]

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from quart.typing import TestClientProtocol as Client
 
-from service.errors import PROBLEM_JSON
+from service.errors import PROBLEM_JSON, VALIDATION_TYPE
 from service.routes.users import encode_cursor
 
 
@@ -135,6 +135,9 @@ async def test_invalid_new_user_is_422_naming_the_field(
 ) -> None:
     problem = await assert_problem(await client.post("/users", json=body), 422)
     assert any(field in error["loc"] for error in problem["errors"]), problem
+    # Its own type: RFC 9457 keeps about:blank for problems titled by their status phrase.
+    assert problem["type"] == VALIDATION_TYPE
+    assert problem["title"] == "Validation failed"
     assert await db.fetchval("SELECT count(*) FROM users") == 0
 
 

@@ -91,6 +91,8 @@ async def test_a_sentinel_failover_under_load_keeps_users_and_report_up_and_task
             "REDIS_PREFIX": settings.redis_prefix,
             "REDIS_SOCKET_TIMEOUT": "0.5",
             "CACHE_TTL": "1",
+            # The whole load is one client: TASK_CLIENT_LIMIT is not what is tested here.
+            "TASK_CLIENT_LIMIT": "100000",
         }
         worker = start_worker(env)
         try:
