@@ -91,7 +91,13 @@ def start_metrics_server(settings: Settings) -> None:
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        from service.obs.metrics import SCRAPE
+
+        start_http_server(
+            settings.worker_metrics_port,
+            addr=settings.worker_metrics_host,
+            registry=SCRAPE,
+        )
         log.info(
             "worker metrics on %s:%d", settings.worker_metrics_host, settings.worker_metrics_port
         )

@@ -314,6 +314,17 @@ class TaskQueue:
         value: int = await self.redis.zcard(self.queue_name)
         return value
 
+    async def oldest_age(self) -> float:
+        """Seconds since the oldest outstanding task was enqueued (0 with none)."""
+        oldest = await self.redis.zrange(self.queue_name, 0, 0, withscores=True)
+        if not oldest:
+            return 0.0
+        return max(0.0, time.time() - float(oldest[0][1]) / 1000)
+
+    async def worker_alive(self) -> bool:
+        """Whether a worker on this queue renewed its health-check key lately."""
+        return bool(await self.redis.exists(queue.health_check_key(self.settings)))
+
     # -- aborting -------------------------------------------------------------------------
 
     async def abort(self, task: Task) -> None:

@@ -54,6 +54,7 @@ async def _sample_pool(app: Quart) -> None:
     # Each process writes its own pool's figures; a scrape sums the live processes.
     while True:
         _update_pool_gauges(app)
+        metrics.sample_process()
         await asyncio.sleep(1)
 
 
@@ -68,10 +69,34 @@ async def metrics_endpoint() -> Response:
         try:
             async with asyncio.timeout(0.5):
                 depth = await task_queue.depth()
-            live["task_queue_depth"] = ("Tasks queued or running, read from Redis.", depth)
+                oldest = await task_queue.oldest_age()
+                alive = await task_queue.worker_alive()
         except Exception as error:  # the scrape still answers without Redis
             metrics.REDIS_ERRORS.inc()
             log.warning("queue depth unavailable: %s", type(error).__name__)
+            live["quart_service_redis_up"] = ("1 if Redis answered this scrape, else 0.", 0)
+        else:
+            live.update(
+                {
+                    "quart_service_redis_up": ("1 if Redis answered this scrape, else 0.", 1),
+                    "quart_service_task_queue_depth": (
+                        "Tasks queued or running, read from Redis.",
+                        depth,
+                    ),
+                    "quart_service_task_queue_limit": (
+                        "Outstanding tasks the queue accepts (TASK_QUEUE_LIMIT).",
+                        current_app.extensions["settings"].task_queue_limit,
+                    ),
+                    "quart_service_task_queue_oldest_age_seconds": (
+                        "Age of the oldest task queued or running, read from Redis (0: none).",
+                        oldest,
+                    ),
+                    "quart_service_worker_up": (
+                        "1 if a worker on this queue renewed its health-check key lately.",
+                        int(alive),
+                    ),
+                }
+            )
     return Response(metrics.render(live), content_type=metrics.CONTENT_TYPE_LATEST)
 
 

@@ -49,7 +49,7 @@ def wait_for_all_workers(base_url: str, workers: int = 2) -> None:
     """Hypercorn answers once one worker serves; wait until every worker has started."""
     for _ in range(200):
         samples = parse_metrics(httpx.get(f"{base_url}/metrics", timeout=5).text)
-        if value(samples, "service_processes") >= workers:
+        if value(samples, "quart_service_processes") >= workers:
             return
         time.sleep(0.05)
     raise RuntimeError(f"fewer than {workers} Hypercorn workers started")
