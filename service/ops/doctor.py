@@ -256,6 +256,11 @@ async def check_redis(settings: Settings, samples: Samples, ready: dict[str, Any
 # -- 6. worker -----------------------------------------------------------------------------
 
 
+# An outstanding task older than this means the workers are not keeping up (the alert
+# QuartServiceTaskQueueStale in deploy/prometheus/rules.yml uses the same figure).
+STALE_TASK_AGE = 300.0
+
+
 async def check_worker(settings: Settings) -> Check:
     from service.backends import queue_contract as queue
 
@@ -263,17 +268,24 @@ async def check_worker(settings: Settings) -> Check:
     try:
         alive = bool(await client.exists(queue.health_check_key(settings)))
         depth = int(await client.zcard(queue.queue_name(settings)))
+        oldest = await client.zrange(queue.queue_name(settings), 0, 0, withscores=True)
     except Exception as error:
         return Check("worker", "fail", f"cannot read the queue ({type(error).__name__})")
     finally:
         await client.aclose()
+    # arq scores a job by the time it may start (ms); a running job stays in the queue too.
+    age = max(0.0, time.time() - float(oldest[0][1]) / 1000) if oldest else 0.0
+    waited = f", the oldest {age:.0f} s old" if depth else ""
     limit = settings.task_queue_limit
     if not alive:
         return Check("worker", "fail", f"no live worker on {queue.queue_name(settings)} "
-                     f"({depth} task(s) waiting)")  # fmt: skip
+                     f"({depth} task(s) waiting{waited})")  # fmt: skip
     if depth >= 0.8 * limit:
-        return Check("worker", "warn", f"worker alive; queue {depth} of {limit}: near full")
-    return Check("worker", "pass", f"worker alive; queue depth {depth} of {limit}")
+        return Check("worker", "warn", f"worker alive; queue {depth} of {limit}: near full{waited}")
+    if age > STALE_TASK_AGE:
+        return Check("worker", "warn", f"worker alive; queue depth {depth} of {limit}{waited}: "
+                     "the workers are not keeping up")  # fmt: skip
+    return Check("worker", "pass", f"worker alive; queue depth {depth} of {limit}{waited}")
 
 
 # -- all together --------------------------------------------------------------------------

@@ -102,6 +102,13 @@ async def test_tasks_accepted_and_refused_and_queue_depth(settings: Settings) ->
         assert refused - value(before, "quart_service_tasks_refused_total", reason="full") == 1
         # No worker runs here, so the accepted task is still queued.
         assert value(after, "quart_service_task_queue_depth") == 1
+        assert value(after, "quart_service_task_queue_limit") == 1
+        assert value(after, "quart_service_worker_up") == 0
+        assert value(after, "quart_service_redis_up") == 1
+        first_age = value(after, "quart_service_task_queue_oldest_age_seconds")
+        await asyncio.sleep(0.3)
+        later_age = value(await scrape(client), "quart_service_task_queue_oldest_age_seconds")
+        assert 0 < first_age < later_age < 30  # the queued task grows older
 
 
 async def test_a_blocking_route_is_reported_with_its_stack(
@@ -295,4 +302,7 @@ async def test_cache_hits_misses_and_redis_errors_are_counted(
     async for down in serve(dead):
         errors_before = value(await scrape(down), "quart_service_redis_errors_total")
         assert (await down.get("/expensive-operation")).status_code == 200
-        assert value(await scrape(down), "quart_service_redis_errors_total") > errors_before
+        dead_scrape = await scrape(down)
+        assert value(dead_scrape, "quart_service_redis_errors_total") > errors_before
+        assert value(dead_scrape, "quart_service_redis_up") == 0
+        assert "quart_service_task_queue_depth" not in dead_scrape
