@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## run: find or start PostgreSQL and Redis, migrate, serve the API (Hypercorn) and the worker
 run: $(VENV)/.installed
-	$(PY) -m tools.devstack run
+	$(PY) -m tools run
 
 # The servers the tests run besides PostgreSQL and Redis (PgBouncer, Sentinel, Prometheus
 # with promtool).
@@ -49,7 +49,7 @@ migrate: $(VENV)/.installed
 
 ## down: stop the private PostgreSQL and Redis that `make run` or the tests may have started
 down: $(VENV)/.installed
-	$(PY) -m tools.devstack down
+	$(PY) -m tools down
 
 ## bench: the benchmark against the Flask original and the bare ASGI ceiling (bench/README.md);
 ## BENCH_ARGS='--quick' for a smoke run
@@ -66,8 +66,9 @@ lock: $(VENV)/.installed
 		--generate-hashes --quiet --output-file requirements.lock
 
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
+## (SCALE_OUT_ARGS='--tasks 4 --n 100000' for a shorter run)
 scale-out: $(VENV)/.installed
-	$(PY) tools/scale_out.py
+	$(PY) -m tools scale-out $(SCALE_OUT_ARGS)
 
 ## cluster-test: (as root) PostgreSQL, Redis, two APIs, two workers and HAProxy on network-namespace
 ## hosts; each host failure in turn under mixed load; the per-fault table (bench/results/cluster-*.json)

@@ -7,20 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _read_status(pid: int) -> dict[str, int]:
@@ -123,7 +114,7 @@ def role(pid: int, parents: dict[int, int], group_leader: int) -> str:
         parent = parents.get(pid)
         owner = role(parent, parents, group_leader) if parent else "?"
         return f"worker of {owner}"
-    if "tools.devstack" in text:
+    if "-m tools run" in text:
         return "devstack"
     if "-m workers" in text or text.endswith(" workers"):
         return "arq worker"

@@ -33,8 +33,9 @@ import redis.asyncio as aioredis
 
 from service.backends.db import migrate
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION, compute_report
-from tests.conftest import free_port, with_search_path
-from tests.support.hypercorn import hypercorn
+from tools.devstack import with_search_path
+from tools.hypercorn_process import hypercorn
+from tools.private_servers import free_port
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

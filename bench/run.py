@@ -34,7 +34,7 @@ import asyncpg
 import redis
 
 from bench import client
-from bench.procs import Group, MemoryWatch, free_port
+from bench.procs import Group, MemoryWatch
 from bench.report import (
     SCENARIOS,
     SYSTEMS,
@@ -48,6 +48,7 @@ from bench.report import (
     to_json,
 )
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
+from tools.private_servers import free_port, private_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -265,34 +266,19 @@ def wait_serving(port: int, path: str, groups: list[Group], timeout: float = 60)
 
 
 def start_service(env: dict[str, str], logs: Path, started: list[Group]) -> System:
-    """The service as the README starts it (``python -m tools.devstack run``), plus the
-    worker when the run command does not start one itself."""
+    """The service as the README starts it: ``python -m tools run`` (migrations, then
+    Hypercorn with hypercorn.toml and the arq worker, in one process group)."""
     port = free_port()
-    command = [sys.executable, "-m", "tools.devstack", "run", "--", "--bind", f"{HOST}:{port}"]
+    command = [sys.executable, "-m", "tools", "run", "--", "--bind", f"{HOST}:{port}"]
     api = Group("service", command, env, ROOT, logs / "service.log")
     started.append(api)
-    groups = [api]
-    notes: list[str] = []
-    wait_serving(port, "/healthz", groups)
-    # The run command may start the worker beside the API: give it a moment to appear.
-    deadline = time.monotonic() + 3
-    while True:
-        running = " ".join(" ".join(_cmdline_of(pid)) for pid in api.pids())
-        if "-m workers" in running or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if "-m workers" in running:
-        notes.append("worker started by the run command")
-    elif (ROOT / "workers" / "__main__.py").exists():
-        worker = Group("worker", [sys.executable, "-m", "workers"], env, ROOT,
-                       logs / "worker.log")  # fmt: skip
-        started.append(worker)
-        groups.append(worker)
-        notes.append("worker started by the benchmark (python -m workers)")
-    else:
-        notes.append("no worker: workers/__main__.py is missing in this build")
-        _say("no arq worker in this build (workers/__main__.py is missing)")
-    return System("service", port, groups, notes)
+    wait_serving(port, "/healthz", [api])
+    running = " ".join(" ".join(_cmdline_of(pid)) for pid in api.pids())
+    if "-m workers" not in running:
+        raise RuntimeError(
+            f"the run command started no arq worker; its log ({api.log}) ends:\n{api.tail()}"
+        )
+    return System("service", port, [api], [])
 
 
 def _cmdline_of(pid: int) -> list[str]:
@@ -505,7 +491,7 @@ def run_scenarios(
     if "mixed" in opts.scenarios:
         status, said = probe(system.port, "/heavy-task?n=1000")
         if _missing(status):
-            outcomes["mixed"] = Outcome("skipped", said)
+            outcomes["mixed"] = Outcome("failed", said)
         else:
             _say(f"{system.name}: mixed, users load + {heavy_path} on "
                  f"{opts.heavy_connections} connections")  # fmt: skip
@@ -567,7 +553,7 @@ def run_report_scenarios(system: System, ctx: Context, outcomes: dict[str, Outco
     if _missing(status) or status is None or status >= 500:
         for name in ("report", "stampede"):
             if name in opts.scenarios:
-                outcomes[name] = Outcome("skipped" if _missing(status) else "failed", said)
+                outcomes[name] = Outcome("failed", said)
         return
     per_computation = [_delta(b, a) for b, a in zip(before, read_all(), strict=True)]
 
@@ -718,8 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     memory: dict[str, list[dict[str, Any]]] = {}
     notes: dict[str, list[str]] = {}
     try:
-        with stopping(started):
-            redis_port = start_private_redis(logs, started)
+        with stopping(started), private_redis(logs) as redis_server:
+            redis_port = redis_server.port
             ctx = Context(
                 opts,
                 bench_url,
@@ -755,31 +741,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults saved to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(f"logs of every process in {logs.relative_to(ROOT)}")
     return 0
-
-
-def start_private_redis(logs: Path, started: list[Group]) -> int:
-    """A Redis of the run's own on a free port (never the machine's shared one); its group is
-    added to ``started`` so the run stops it. Returns the port."""
-    port = free_port()
-    group = Group(
-        "redis",
-        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
-         "--appendonly", "no", "--dir", str(logs)],
-        dict(os.environ), ROOT, logs / "redis.log",
-    )  # fmt: skip
-    started.append(group)
-    wait_port(port, group)
-    return port
-
-
-def wait_port(port: int, group: Group, timeout: float = 10) -> None:
-    from tools.devstack import port_open
-
-    deadline = time.monotonic() + timeout
-    while not port_open(HOST, port):
-        if not group.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"{group.name} did not start; see {group.log}")
-        time.sleep(0.05)
 
 
 def run_system(

@@ -41,10 +41,10 @@ from bench.run import (
     machine_info,
     seed,
     seed_queries,
-    start_private_redis,
     start_service,
     stopping,
 )
+from tools.private_servers import private_redis
 
 SOAK_DATABASE = "soak"
 
@@ -335,6 +335,147 @@ def drift(intervals: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+@dataclass
+class Measured:
+    """What one soak saw: the processes at the start and the end, every interval's loads and
+    processes, and why it stopped early (empty when it ran its time)."""
+
+    start: dict[int, dict[str, Any]]
+    end: dict[int, dict[str, Any]]
+    intervals: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    aborted: str
+    notes: list[str]
+
+
+def soak(opts: Options, soak_url: str, logs: Path, load_before: tuple[float, ...]) -> Measured:
+    """Start a private Redis and the service, warm up, then run the intervals; everything
+    started is stopped on the way out (KeyboardInterrupt included)."""
+    started: list[Group] = []
+    with stopping(started), private_redis(logs) as redis_server:
+        env = {
+            **os.environ,
+            "DATABASE_URL": soak_url,
+            "REDIS_URL": redis_server.url,
+            "REDIS_PREFIX": SERVICE_REDIS_PREFIX,
+        }
+        _say("starting the service")
+        system = start_service(env, logs, started)
+        if opts.warmup:
+            _say(f"warm-up: {opts.warmup} s of the mixed load")
+            run_interval(system.port, opts.warmup, opts)
+        start = snapshot(system.groups)
+        _say(
+            f"soak: {opts.duration} s in {opts.interval} s intervals "
+            f"(load average {load_before[0]:.2f} at the start)"
+        )
+        intervals, samples, aborted = run_intervals(system.port, system.groups, opts)
+        end = snapshot(system.groups)
+        aborted = aborted or ended(system.groups)
+    return Measured(start, end, intervals, samples, aborted, system.notes)
+
+
+def run_intervals(
+    port: int, groups: list[Group], opts: Options
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Interval after interval until the duration is over or a process of the service ends:
+    (each interval's loads, each interval's processes, why it stopped early)."""
+    intervals: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    began = time.monotonic()
+    while time.monotonic() - began < opts.duration - 1:
+        stopped = ended(groups)
+        if stopped:
+            return intervals, samples, stopped
+        seconds = min(opts.interval, round(opts.duration - (time.monotonic() - began)))
+        try:
+            loads = run_interval(port, max(seconds, 1), opts)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            return intervals, samples, ended(groups) or str(error).splitlines()[0]
+        elapsed = time.monotonic() - began
+        intervals.append(
+            {
+                "index": len(intervals) + 1,
+                "elapsed_s": round(elapsed, 1),
+                "load_average": round(os.getloadavg()[0], 2),
+                "loads": {name: asdict(load) for name, load in loads.items()},
+                "errors": {name: errors_of(load) for name, load in loads.items()},
+            }
+        )
+        samples.append({"elapsed_s": round(elapsed, 1), "processes": snapshot(groups)})
+        print(render_interval(len(intervals), elapsed, loads), flush=True)
+    return intervals, samples, ""
+
+
+def verdict_of(measured: Measured) -> dict[str, Any]:
+    """Flat when memory and descriptors stayed flat, nothing failed and it ran its time."""
+    verdict = judge(
+        measured.start, measured.end, [sample["processes"] for sample in measured.samples]
+    )
+    intervals = measured.intervals
+    total_errors = sum(sum(i["errors"].values()) for i in intervals)
+    verdict["errors"] = total_errors
+    verdict["deliberate_503"] = sum(
+        int(load.get("statuses", {}).get("503", 0))
+        for i in intervals
+        for load in i["loads"].values()
+    )
+    verdict["aborted"] = measured.aborted
+    verdict["flat"] = (
+        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not measured.aborted
+    )
+    verdict["latency"] = drift(intervals)
+    return verdict
+
+
+def print_summary(verdict: dict[str, Any], machine: dict[str, Any]) -> None:
+    print()
+    for name, figures in verdict["latency"].items():
+        print(
+            f"{name:<7} {figures['requests']:>8} requests; median p50 "
+            f"{figures['p50_ms_first_third']} -> {figures['p50_ms_last_third']} ms, median p99 "
+            f"{figures['p99_ms_first_third']} -> {figures['p99_ms_last_third']} ms "
+            "(first third -> last third of the intervals)"
+        )
+    print()
+    print(render_processes(verdict))
+    print(
+        f"\nerrors: {verdict['errors']} (deliberate 503s: {verdict['deliberate_503']}); "
+        f"RSS flat: {'yes' if verdict['rss_flat'] else 'NO'}; "
+        f"descriptors flat: {'yes' if verdict['fds_flat'] else 'NO'}; "
+        f"verdict: {'FLAT' if verdict['flat'] else 'NOT FLAT'}"
+    )
+    if verdict["aborted"]:
+        print(f"the soak stopped early: {verdict['aborted']}")
+    print(
+        f"load average (1, 5, 15 min): before {machine['load_average_before']}, "
+        f"after {machine['load_average_after']}"
+    )
+
+
+def save(
+    opts: Options, stamp: str, measured: Measured, verdict: dict[str, Any], machine: dict[str, Any]
+) -> Path:
+    """Everything as JSON in the results directory; returns the file."""
+    settings = {
+        "duration_s": opts.duration, "interval_s": opts.interval, "warmup_s": opts.warmup,
+        "users": opts.users, "heavy_n": opts.heavy_n, "quick": opts.quick, "started_at": stamp,
+        "loads": {name: {"mode": m, "connections": c} for name, (m, c, _p, _n) in LOADS.items()},
+        "notes": measured.notes,
+    }  # fmt: skip
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    out = opts.results_dir / f"soak-{stamp}{'-quick' if opts.quick else ''}.json"
+    results = {
+        "settings": settings,
+        "machine": machine,
+        "intervals": measured.intervals,
+        "processes": {"start": measured.start, "end": measured.end, "samples": measured.samples},
+        "verdict": verdict,
+    }
+    out.write_text(json.dumps(results, indent=2, default=str))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     check_tools()
@@ -350,120 +491,19 @@ def main(argv: list[str] | None = None) -> int:
         text=True,
         check=False,
     ).stdout.strip()
-
-    started: list[Group] = []
-    aborted = ""  # why the soak stopped before its time, if it did
-    intervals: list[dict[str, Any]] = []
-    samples: list[dict[str, Any]] = []
     try:
-        with stopping(started):
-            redis_port = start_private_redis(logs, started)
-            env = {
-                **os.environ,
-                "DATABASE_URL": soak_url,
-                "REDIS_URL": f"redis://{HOST}:{redis_port}/0",
-                "REDIS_PREFIX": SERVICE_REDIS_PREFIX,
-            }
-            _say("starting the service")
-            system = start_service(env, logs, started)
-            if opts.warmup:
-                _say(f"warm-up: {opts.warmup} s of the mixed load")
-                run_interval(system.port, opts.warmup, opts)
-            start = snapshot(system.groups)
-            _say(
-                f"soak: {opts.duration} s in {opts.interval} s intervals "
-                f"(load average {load_before[0]:.2f} at the start)"
-            )
-            began = time.monotonic()
-            index = 0
-            while time.monotonic() - began < opts.duration - 1:
-                stopped = ended(system.groups)
-                if stopped:
-                    aborted = stopped
-                    break
-                seconds = min(opts.interval, round(opts.duration - (time.monotonic() - began)))
-                try:
-                    loads = run_interval(system.port, max(seconds, 1), opts)
-                except (RuntimeError, subprocess.TimeoutExpired) as error:
-                    aborted = ended(system.groups) or str(error).splitlines()[0]
-                    break
-                index += 1
-                elapsed = time.monotonic() - began
-                processes = snapshot(system.groups)
-                intervals.append(
-                    {
-                        "index": index,
-                        "elapsed_s": round(elapsed, 1),
-                        "load_average": round(os.getloadavg()[0], 2),
-                        "loads": {name: asdict(load) for name, load in loads.items()},
-                        "errors": {name: errors_of(load) for name, load in loads.items()},
-                    }
-                )
-                samples.append({"elapsed_s": round(elapsed, 1), "processes": processes})
-                print(render_interval(index, elapsed, loads), flush=True)
-            end = snapshot(system.groups)
-            aborted = aborted or ended(system.groups)
+        measured = soak(opts, soak_url, logs, load_before)
     except KeyboardInterrupt:
         _say("interrupted: every process the soak started has been stopped")
         return 130
 
-    verdict = judge(start, end, [sample["processes"] for sample in samples])
-    total_errors = sum(sum(i["errors"].values()) for i in intervals)
-    deliberate_503 = sum(
-        int(load.get("statuses", {}).get("503", 0))
-        for i in intervals
-        for load in i["loads"].values()
-    )
-    verdict["errors"] = total_errors
-    verdict["deliberate_503"] = deliberate_503
-    verdict["aborted"] = aborted
-    verdict["flat"] = (
-        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not aborted
-    )
+    verdict = verdict_of(measured)
     machine = machine_info(soak_url, None)
     machine["commit"] = commit  # the one measured, not what the tree holds by the end
     machine["load_average_before"] = [round(v, 2) for v in load_before]
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-
-    verdict["latency"] = drift(intervals)
-    print()
-    for name, figures in verdict["latency"].items():
-        print(
-            f"{name:<7} {figures['requests']:>8} requests; median p50 "
-            f"{figures['p50_ms_first_third']} -> {figures['p50_ms_last_third']} ms, median p99 "
-            f"{figures['p99_ms_first_third']} -> {figures['p99_ms_last_third']} ms "
-            "(first third -> last third of the intervals)"
-        )
-    print()
-    print(render_processes(verdict))
-    print(
-        f"\nerrors: {total_errors} (deliberate 503s: {deliberate_503}); "
-        f"RSS flat: {'yes' if verdict['rss_flat'] else 'NO'}; "
-        f"descriptors flat: {'yes' if verdict['fds_flat'] else 'NO'}; "
-        f"verdict: {'FLAT' if verdict['flat'] else 'NOT FLAT'}"
-    )
-    if aborted:
-        print(f"the soak stopped early: {aborted}")
-    print(
-        f"load average (1, 5, 15 min): before {machine['load_average_before']}, "
-        f"after {machine['load_average_after']}"
-    )
-    settings = {
-        "duration_s": opts.duration, "interval_s": opts.interval, "warmup_s": opts.warmup,
-        "users": opts.users, "heavy_n": opts.heavy_n, "quick": opts.quick, "started_at": stamp,
-        "loads": {name: {"mode": m, "connections": c} for name, (m, c, _p, _n) in LOADS.items()},
-        "notes": system.notes,
-    }  # fmt: skip
-    opts.results_dir.mkdir(parents=True, exist_ok=True)
-    out = opts.results_dir / f"soak-{stamp}{'-quick' if opts.quick else ''}.json"
-    results = {
-        "settings": settings,
-        "machine": machine,
-        "intervals": intervals,
-        "processes": {"start": start, "end": end, "samples": samples},
-        "verdict": verdict,
-    }
-    out.write_text(json.dumps(results, indent=2, default=str))
+    print_summary(verdict, machine)
+    out = save(opts, stamp, measured, verdict, machine)
     print(f"\nresults saved to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(f"logs of every process in {logs.relative_to(ROOT)}")
     return 0 if verdict["flat"] else 1

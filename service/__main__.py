@@ -1,4 +1,5 @@
-"""Operator commands: ``python -m service migrate``, ``keygen``, ``doctor``, ``preflight``."""
+"""Operator commands: ``python -m service migrate``, ``keygen``, ``doctor``, ``preflight``,
+``healthcheck``. (Development tools are ``python -m tools <command>`` instead.)"""
 
 from __future__ import annotations
 
@@ -8,12 +9,8 @@ import logging
 import os
 import sys
 
-import asyncpg
-
 from service.apikeys import SCOPES, generate_key, key_entry, parse_api_keys
-from service.backends.db import migrate_database
-from service.config import ConfigError, load_settings
-from service.ops import preflight
+from service.ops import healthcheck
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,21 +38,33 @@ def main(argv: list[str] | None = None) -> int:
         help="environment variable holding an admin API key, for a deployment that enforces keys "
         "(default: DOCTOR_API_KEY); a key is never taken on the command line, where ps shows it",
     )
-    # the images' entry point (service/ops/preflight.py)
     preflight_parser = commands.add_parser(
         "preflight",
         help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",
     )
     preflight_parser.add_argument(
         "--needs",
-        default=",".join(preflight.DEPENDENCIES),
-        help="comma-separated dependencies to check (default: postgres,redis)",
+        help="comma-separated dependencies to check, of postgres and redis (default: both)",
     )
     preflight_parser.add_argument("--migrate", action="store_true", help="migrate first")
     preflight_parser.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER)
+    commands.add_parser(
+        "healthcheck",
+        help="exit 0 when HEALTHCHECK_URL (default http://127.0.0.1:8000/healthz) answers 200: "
+        "the API image's health check",
+    )
     args = parser.parse_args(argv)
+    if args.command == "healthcheck":
+        return healthcheck.main()
     if args.command == "keygen":
         return _keygen(args.name, args.scopes)
+    # Imported here: the health probe above must stay quick, and needs none of them.
+    import asyncpg
+
+    from service.backends.db import migrate_database
+    from service.config import ConfigError, load_settings
+    from service.ops import preflight
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "preflight":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        needs = tuple(name.strip() for name in args.needs.split(",") if name.strip())
+        given = preflight.DEPENDENCIES if args.needs is None else args.needs.split(",")
+        needs = tuple(name.strip() for name in given if name.strip())
         unknown = set(needs) - set(preflight.DEPENDENCIES)
         if unknown or not needs:
             parser.error(f"--needs takes {','.join(preflight.DEPENDENCIES)}, not {args.needs!r}")

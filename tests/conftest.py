@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -21,7 +19,8 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings, load_settings
-from tools.devstack import ensure_services
+from tools.devstack import ensure_services, with_search_path
+from tools.private_servers import free_port
 
 APP_TESTS = Path(__file__).parent / "app"
 
@@ -51,14 +50,6 @@ def service_urls() -> dict[str, str]:
     urls = ensure_services()
     os.environ.update(urls)
     return urls
-
-
-def with_search_path(url: str, schema: str) -> str:
-    """The URL with asyncpg's server setting ``search_path`` pointing at ``schema``."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
-    query.append(("search_path", schema))
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @pytest.fixture
@@ -133,13 +124,6 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tools import netns
-from tools.devstack import as_postgres_user, postgres_bin
 from tools.netns import Host
+from tools.private_servers import as_postgres_user, postgres_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -1,29 +1,25 @@
 """Find, or start, the PostgreSQL and Redis a developer machine needs; run the whole service.
 
-``python -m tools.devstack run`` is what ``make run`` calls: it finds PostgreSQL and Redis
+``python -m tools run`` is what ``make run`` calls: it finds PostgreSQL and Redis
 (``DATABASE_URL`` / ``REDIS_URL`` if given, else the default local ports, else private servers
 it starts from the machine's binaries under ``.local/``), migrates, then runs Hypercorn with
-``hypercorn.toml`` and the arq worker until interrupted. ``down`` stops the private servers.
+``hypercorn.toml`` and the arq worker until interrupted. ``python -m tools down`` (``make
+down``) stops the private servers.
 The tests use :func:`ensure_services` the same way.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import glob
 import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools import ROOT
+from tools.private_servers import PrivatePostgres, PrivateRedis, port_open
+
 LOCAL = ROOT / ".local"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -31,20 +27,8 @@ PRIVATE_PG_PORT = 55432
 PRIVATE_REDIS_PORT = 56379
 
 
-class DevStackError(SystemExit):
-    """Something needed is missing; the message says what to install or set."""
-
-
 def _say(message: str) -> None:
     print(f"[devstack] {message}", file=sys.stderr, flush=True)
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _url_answers(url: str, default_port: int) -> bool:
@@ -52,105 +36,22 @@ def _url_answers(url: str, default_port: int) -> bool:
     return port_open(parts.hostname or "127.0.0.1", parts.port or default_port)
 
 
-def postgres_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
-    return candidates[0] if candidates else None
+def with_search_path(url: str, schema: str) -> str:
+    """The URL with asyncpg's server setting ``search_path`` pointing at ``schema``."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def as_postgres_user() -> tuple[list[str], int | None, int | None]:
-    """PostgreSQL refuses to run as root: run its tools as the ``postgres`` user then."""
-    if os.geteuid() != 0:
-        return [], None, None
-    try:
-        entry = pwd.getpwnam("postgres")
-    except KeyError:
-        raise DevStackError(
-            "running as root and there is no 'postgres' user to run a private PostgreSQL as; "
-            "set DATABASE_URL to a running server instead"
-        ) from None
-    return ["runuser", "-u", "postgres", "--"], entry.pw_uid, entry.pw_gid
+def private_postgres() -> PrivatePostgres:
+    """The cluster ``make run`` starts under ``.local/`` when the machine has none."""
+    return PrivatePostgres(LOCAL / "postgres", PRIVATE_PG_PORT)
 
 
-def start_private_postgres(data_dir: Path, port: int) -> str:
-    """Start (creating on first use) a private cluster; return its URL."""
-    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        raise DevStackError(
-            "nothing answers on the PostgreSQL port and no PostgreSQL binaries were found: "
-            "install them (Debian: apt-get install postgresql) or set DATABASE_URL"
-        )
-    prefix, uid, gid = as_postgres_user()
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not (data_dir / "PG_VERSION").exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if uid is not None and gid is not None:
-            os.chown(data_dir, uid, gid)
-        subprocess.run(
-            [*prefix, initdb, "-D", str(data_dir), "-U", "postgres", "-A", "trust", "-E", "UTF8"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    log_file = data_dir / "server.log"
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {data_dir}"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data_dir), "-o", options, "-l", str(log_file), "-w", "start"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-
-def stop_private_postgres(data_dir: Path) -> None:
-    pg_ctl = postgres_bin("pg_ctl")
-    if pg_ctl and (data_dir / "postmaster.pid").exists():
-        prefix, _, _ = as_postgres_user()
-        subprocess.run(
-            [*prefix, pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"],
-            check=False,
-            stdout=subprocess.DEVNULL,
-        )
-
-
-def start_private_redis(data_dir: Path, port: int) -> str:
-    """Start a private Redis that keeps nothing on disk; return its URL."""
-    server = shutil.which("redis-server")
-    if not server:
-        raise DevStackError(
-            "nothing answers on the Redis port and redis-server was not found: "
-            "install it (Debian: apt-get install redis-server) or set REDIS_URL"
-        )
-    data_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            server,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--daemonize", "yes",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(data_dir),
-            "--pidfile", str(data_dir / "redis.pid"),
-            "--logfile", str(data_dir / "redis.log"),
-        ],
-        check=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not port_open("127.0.0.1", port):
-        if time.monotonic() > deadline:
-            raise DevStackError(f"the private Redis did not start; see {data_dir / 'redis.log'}")
-        time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0"
-
-
-def stop_private_redis(data_dir: Path) -> None:
-    pid_file = data_dir / "redis.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-        pid_file.unlink(missing_ok=True)
+def private_redis() -> PrivateRedis:
+    """The Redis ``make run`` starts under ``.local/`` when the machine has none."""
+    return PrivateRedis(LOCAL / "redis", PRIVATE_REDIS_PORT)
 
 
 def ensure_services(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -164,20 +65,24 @@ def ensure_services(environ: dict[str, str] | None = None) -> dict[str, str]:
     elif _url_answers(DEFAULT_DATABASE_URL, 5432):
         found["DATABASE_URL"] = DEFAULT_DATABASE_URL
     elif port_open("127.0.0.1", PRIVATE_PG_PORT):
-        found["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{PRIVATE_PG_PORT}/postgres"
+        found["DATABASE_URL"] = private_postgres().url
     else:
-        _say(f"no PostgreSQL on 127.0.0.1:5432: starting a private one in {LOCAL / 'postgres'}")
-        found["DATABASE_URL"] = start_private_postgres(LOCAL / "postgres", PRIVATE_PG_PORT)
+        postgres = private_postgres()
+        _say(f"no PostgreSQL on 127.0.0.1:5432: starting a private one in {postgres.data_dir}")
+        postgres.start()
+        found["DATABASE_URL"] = postgres.url
 
     if "REDIS_URL" in env:
         found["REDIS_URL"] = env["REDIS_URL"]
     elif _url_answers(DEFAULT_REDIS_URL, 6379):
         found["REDIS_URL"] = DEFAULT_REDIS_URL
     elif port_open("127.0.0.1", PRIVATE_REDIS_PORT):
-        found["REDIS_URL"] = f"redis://127.0.0.1:{PRIVATE_REDIS_PORT}/0"
+        found["REDIS_URL"] = private_redis().url
     else:
-        _say(f"no Redis on 127.0.0.1:6379: starting a private one in {LOCAL / 'redis'}")
-        found["REDIS_URL"] = start_private_redis(LOCAL / "redis", PRIVATE_REDIS_PORT)
+        redis = private_redis()
+        _say(f"no Redis on 127.0.0.1:6379: starting a private one in {redis.data_dir}")
+        redis.start(detach=True)  # it outlives `make run`, until `make down`
+        found["REDIS_URL"] = redis.url
     return found
 
 
@@ -227,27 +132,15 @@ def run(extra_hypercorn_args: list[str]) -> int:
     return next((code for code in codes if code), 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.devstack")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="migrate, then run the API and the worker")
-    run_parser.add_argument("hypercorn_args", nargs=argparse.REMAINDER)
-    commands.add_parser("env", help="print DATABASE_URL and REDIS_URL (starting servers if needed)")
-    commands.add_parser("down", help="stop the private servers under .local/")
-    args = parser.parse_args(argv)
-
-    if args.command == "run":
-        # `run -- --bind 127.0.0.1:9000`: options for Hypercorn follow a "--" (the benchmark's use).
-        extra = args.hypercorn_args
-        return run(extra[1:] if extra[:1] == ["--"] else extra)
-    if args.command == "env":
-        for name, value in ensure_services().items():
-            print(f"{name}={value}")
-        return 0
-    stop_private_postgres(LOCAL / "postgres")
-    stop_private_redis(LOCAL / "redis")
+def print_env() -> int:
+    """Print ``DATABASE_URL`` and ``REDIS_URL`` (starting private servers if need be)."""
+    for name, value in ensure_services().items():
+        print(f"{name}={value}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def down() -> int:
+    """Stop the private servers under ``.local/`` (nothing happens to servers not ours)."""
+    private_postgres().stop()
+    private_redis().stop()
+    return 0

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from tools.devstack import as_postgres_user
+from tools.private_servers import as_postgres_user, free_port
 
 SENTINEL_MASTER = "mymaster"
 
@@ -32,13 +32,6 @@ def _binary(name: str, package: str) -> str:
     if not found:
         raise MissingBinary(f"{name} is not installed (Debian: apt-get install {package})")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], within: float = 10) -> None:

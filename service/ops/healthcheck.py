@@ -1,4 +1,4 @@
-"""Container health probe without curl: ``python -m service.ops.healthcheck`` exits 0 on a 200.
+"""Container health probe without curl: ``python -m service healthcheck`` exits 0 on a 200.
 
 The URL is ``HEALTHCHECK_URL`` (default ``http://127.0.0.1:8000/healthz``, the port that
 hypercorn.toml binds); set it when the server is bound elsewhere.
@@ -14,6 +14,7 @@ DEFAULT_URL = "http://127.0.0.1:8000/healthz"
 
 
 def main() -> int:
+    """0 when the URL answers 200, 1 when it answers otherwise or not at all, 2 for a bad URL."""
     url = os.environ.get("HEALTHCHECK_URL", DEFAULT_URL)
     if not url.startswith(("http://", "https://")):
         print(f"HEALTHCHECK_URL must be an http(s) URL, not {url!r}", file=sys.stderr)
@@ -25,7 +26,3 @@ def main() -> int:
         print(f"{url}: {error}", file=sys.stderr)
         return 1
     return 0 if status == 200 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

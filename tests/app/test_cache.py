@@ -13,8 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.backends.cache import Cache
-from tests.conftest import free_port
-from tools.private_servers import private_redis
+from tools.private_servers import free_port, private_redis
 
 
 class CountingLoader:

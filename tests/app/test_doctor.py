@@ -21,9 +21,10 @@ from quart.typing import TestClientProtocol as Client
 from service.config import Settings
 from service.ops.doctor import parse_metrics
 from tests.app.test_observe import value
-from tests.conftest import free_port
-from tests.support.hypercorn import ROOT, hypercorn
 from tests.support.worker_procs import settings_env, worker
+from tools import ROOT
+from tools.hypercorn_process import hypercorn
+from tools.private_servers import free_port
 
 pytestmark = pytest.mark.slow  # each test runs Hypercorn, a worker and the doctor
 

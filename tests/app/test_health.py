@@ -8,7 +8,7 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
 from service.errors import PROBLEM_JSON
-from tests.conftest import free_port
+from tools.private_servers import free_port
 
 
 async def test_healthz_and_readyz_when_all_answers(client: Client) -> None:
@@ -116,7 +116,7 @@ def test_migrate_against_an_unreachable_database_says_which_variable() -> None:
     import subprocess
     import sys
 
-    from tests.support.hypercorn import ROOT
+    from tools import ROOT
 
     done = subprocess.run(
         [sys.executable, "-m", "service", "migrate"],

@@ -12,8 +12,8 @@ from importlinter.application.use_cases import lint_imports
 from service.backends.redis import redis_pool
 from service.backends.taskqueue import TaskQueue
 from service.config import Settings
-from tests.support.hypercorn import ROOT
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health
+from tools import ROOT
 
 # The web stack: none of it belongs in the worker.
 WEB_PACKAGES = ("quart", "quart_schema", "quart_cors", "hypercorn", "werkzeug")

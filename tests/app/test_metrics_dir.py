@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.obs.metrics import UnsafeMetricsDir, private_dir
-from tests.support.hypercorn import ROOT
+from tools import ROOT
 
 NOBODY = 65534
 

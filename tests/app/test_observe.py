@@ -20,8 +20,8 @@ from service.errors import PROBLEM_JSON
 from service.obs.logs import RequestIdFilter
 from service.obs.loopwatch import LoopWatch, activity
 from service.ops.doctor import Samples, parse_metrics
-from tests.conftest import free_port
 from tests.support.blocking_app import add_blocking_route
+from tools.private_servers import free_port
 
 TOKEN = "a-long-profiling-token-0123456789"
 

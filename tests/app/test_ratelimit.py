@@ -9,7 +9,7 @@ from service.app import create_app
 from service.config import Settings, load_settings
 from service.errors import PROBLEM_JSON
 from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
-from tests.conftest import free_port
+from tools.private_servers import free_port
 
 
 def limited(settings: Settings, **changes: object) -> Settings:

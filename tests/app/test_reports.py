@@ -17,10 +17,9 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import PROBLEM_JSON
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
-from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env
-from tools.private_servers import private_redis
+from tools.hypercorn_process import hypercorn
+from tools.private_servers import free_port, private_redis
 
 PATH = "/expensive-operation"
 

@@ -18,8 +18,8 @@ from service.app import create_app
 from service.backends import queue_contract as queue
 from service.config import Settings
 from service.errors import PROBLEM_JSON
-from tests.support.hypercorn import ROOT
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
+from tools import ROOT
 
 HUGE = 10**8  # the largest n allowed, about ten seconds of CPU: only run to be timed out or aborted
 

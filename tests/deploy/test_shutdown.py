@@ -18,8 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.config import Settings
-from tests.support.hypercorn import ROOT, hypercorn
 from tests.support.worker_procs import settings_env
+from tools import ROOT
+from tools.hypercorn_process import hypercorn
 
 GRACEFUL_TIMEOUT = tomllib.loads((ROOT / "hypercorn.toml").read_text())["graceful_timeout"]
 IN_FLIGHT = 24

@@ -18,8 +18,9 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import PROBLEM_JSON
 from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
-from tests.conftest import free_port
-from tests.support.hypercorn import ROOT, hypercorn, output
+from tools import ROOT
+from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port
 
 SECRET_EMAIL = "private.person@example.com"
 

@@ -38,9 +38,10 @@ from service.app import create_app
 from service.backends.db import migrate
 from service.config import load_settings
 from service.errors import PROBLEM_JSON
-from tests.conftest import free_port, with_search_path
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env, worker
+from tools.devstack import with_search_path
+from tools.hypercorn_process import hypercorn
+from tools.private_servers import free_port
 
 KEY = generate_key()
 AUTHORIZATION = {"Authorization": f"Bearer {KEY}"}

@@ -16,9 +16,9 @@ from service.config import Settings
 from service.ops.doctor import parse_metrics
 from tests.app.test_doctor import wait_for_all_workers
 from tests.app.test_observe import value
-from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn, output
 from tests.support.worker_procs import settings_env, worker
+from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ from service.apikeys import key_entry
 from service.backends import queue_contract as queue
 from service.config import Settings
 from tests.app.test_task_access import KEYS, SCOPES, SECRET, as_
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env
+from tools.hypercorn_process import hypercorn
 
 
 def _open_heavy_task(port: int, n: int) -> socket.socket:

@@ -8,8 +8,8 @@ import httpx
 
 from service.config import Settings
 from tests.app.test_tasks import exact
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env, worker
+from tools.hypercorn_process import hypercorn
 
 
 async def test_heavy_task_and_tasks_over_http(settings: Settings, port: int) -> None:

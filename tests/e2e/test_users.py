@@ -8,8 +8,8 @@ import httpx
 
 from service.config import Settings
 from service.errors import PROBLEM_JSON
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env
+from tools.hypercorn_process import hypercorn
 
 
 async def test_users_routes_over_http_under_hypercorn(settings: Settings, port: int) -> None:

@@ -12,7 +12,7 @@ import httpx
 
 from service.backends.db import migrate
 from service.errors import PROBLEM_JSON
-from tests.support.hypercorn import hypercorn, output
+from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import private_postgres
 
 

@@ -15,10 +15,10 @@ import httpx
 import redis.asyncio as aioredis
 
 from service.config import Settings
-from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import start_worker, stop, wait_for_health
+from tools.hypercorn_process import hypercorn
 from tools.private_ha import SENTINEL_MASTER, PrivateSentinels, private_sentinels
+from tools.private_servers import free_port
 
 LOAD_BEFORE = 2.0  # seconds of load before the kill
 LOAD_AFTER = 12.0  # and after it

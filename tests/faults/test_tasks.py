@@ -17,10 +17,9 @@ from quart.typing import TestClientProtocol as Client
 from service.config import Settings
 from service.errors import PROBLEM_JSON
 from tests.app.test_tasks import exact, submit, wait_for_status
-from tests.conftest import free_port
-from tests.support.hypercorn import hypercorn, output
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
-from tools.private_servers import private_redis
+from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port, private_redis
 
 
 def descendants(pid: int) -> set[int]:

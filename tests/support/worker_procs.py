@@ -14,7 +14,8 @@ import redis
 
 from service.backends import queue_contract as queue
 from service.config import Settings
-from tests.support.hypercorn import ROOT, output
+from tools import ROOT
+from tools.hypercorn_process import output
 
 
 def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:

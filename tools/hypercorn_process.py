@@ -1,4 +1,5 @@
-"""Helpers to run the service as its operators do: Hypercorn with hypercorn.toml, as a process."""
+"""Run the service as its operators do, Hypercorn with hypercorn.toml, as a child process: for
+the tests and the benchmark's scripts."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
+from tools import ROOT
 
 
 def wait_until_serving(

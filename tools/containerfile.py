@@ -1,5 +1,5 @@
-"""The Containerfile read as data: enough of its grammar for the tests to check it and to run
-its exact commands on the host."""
+"""The Containerfile read as data: enough of its grammar for the tests to check it, and for them
+and the scale-out tool to run its exact commands on the host."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from pathlib import Path
 
 from service.apikeys import SCOPES, generate_key, key_entry
 from service.config import Settings
-from tests.support.hypercorn import ROOT
+from tools import ROOT
 
 CONTAINERFILE = ROOT / "Containerfile"
 
 # The images set ENVIRONMENT=production, which refuses to start without API_KEYS.
 TEST_KEY = generate_key()
-TEST_TASK_ID_SECRET = "a-task-id-secret-for-the-deploy-tests"
+TEST_TASK_ID_SECRET = "a-task-id-secret-for-the-deploy-tests"  # noqa: S105 (a test value)
 TEST_API_KEYS = key_entry("deploy-tests", TEST_KEY, SCOPES)
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 

@@ -1,0 +1,54 @@
+"""The development tools' one command line: ``python -m tools <command>``.
+
+Operator commands, which the images hold, are ``python -m service <command>`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tools import devstack
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools", description="Development tools (never in the images)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="find or start PostgreSQL and Redis, migrate, run the API and the worker (make run)",
+    )
+    run.add_argument(
+        "hypercorn_args",
+        nargs=argparse.REMAINDER,
+        help="options for Hypercorn after a '--', e.g. -- --bind 127.0.0.1:9000",
+    )
+    commands.add_parser(
+        "env", help="print DATABASE_URL and REDIS_URL (starting private servers if need be)"
+    )
+    commands.add_parser("down", help="stop the private servers under .local/ (make down)")
+    # Listed for --help; its options are its own (python -m tools scale-out --help).
+    commands.add_parser(
+        "scale-out", help="two APIs and two workers sharing PostgreSQL and Redis (make scale-out)"
+    )
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["scale-out"]:
+        # Handed over whole (argparse's REMAINDER refuses a first argument that is an
+        # option); imported only here, since it needs the test dependencies (httpx).
+        from tools.scale_out import main as scale_out_main
+
+        return scale_out_main(given[1:])
+    args = parser.parse_args(given)
+
+    if args.command == "run":
+        extra: list[str] = args.hypercorn_args
+        return devstack.run(extra[1:] if extra[:1] == ["--"] else extra)
+    if args.command == "env":
+        return devstack.print_env()
+    return devstack.down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
