@@ -23,9 +23,10 @@ from quart.typing import TestClientProtocol as Client
 from service.config import Settings
 from service.obs import metrics
 from service.ops.doctor import parse_metrics
-from tests.conftest import free_port
-from tests.support.hypercorn import ROOT, hypercorn, output
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health
+from tools import ROOT
+from tools.hypercorn_process import hypercorn, output
+from tools.private_servers import free_port
 
 RULES_DIR = ROOT / "deploy" / "prometheus"
 RULES = RULES_DIR / "rules.yml"
