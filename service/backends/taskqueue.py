@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
 from service.config import Settings
+from service.obs import tracing
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,9 @@ class TaskQueue:
         job_id = job_id_for(self.settings, idempotency_key, owner)
         client = owner if client is None else client
         now_ms = int(time.time() * 1000)
-        payload = serialize_job(FUNCTION, (n,), {}, None, now_ms, serializer=queue.dumps)
+        # The trace context rides in the job's kwargs, so the worker's span joins this trace.
+        kwargs = tracing.job_kwargs()
+        payload = serialize_job(FUNCTION, (n,), kwargs, None, now_ms, serializer=queue.dumps)
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,

@@ -11,12 +11,14 @@ import sys
 import time
 
 import asyncpg
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
 from pyinstrument import Profiler
 from quart import Blueprint, Quart, Response, current_app, g, request
 from quart_schema import hide
 
 from service.config import Settings
-from service.obs import metrics
+from service.obs import metrics, tracing
 from service.obs.host import usable_cpus
 from service.obs.logs import request_id_var
 from service.obs.loopwatch import LoopWatch, clear_activity, set_activity
@@ -105,6 +107,24 @@ def _route() -> str:
     return rule.rule if rule is not None else UNMATCHED
 
 
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def _start_span(tracer: Tracer) -> None:
+    # A client's W3C traceparent makes this span its child; the span is current for the rest
+    # of the request, so the asyncpg and Redis spans and the job's context hang below it.
+    carrier = {name: value for name in _TRACE_HEADERS if (value := request.headers.get(name))}
+    parent = tracing.extract(carrier)
+    span = tracer.start_span(
+        request.method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "url.path": request.path},
+    )
+    g.observe_span = span
+    g.observe_span_token = otel_context.attach(set_span_in_context(span, parent))
+
+
 def _wants_profile(settings: Settings) -> bool:
     if settings.profiling_token is None:
         return False
@@ -127,6 +147,7 @@ def init_app(app: Quart) -> None:
 
     @app.before_serving
     async def _start_watching() -> None:
+        tracing.start("quart-service")
         metrics.PROCESSES.set(1)
         metrics.CPUS.set(usable_cpus())
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -145,9 +166,12 @@ def init_app(app: Quart) -> None:
                 await sampler
         await watch.stop()
         metrics.mark_process_dead()
+        tracing.flush()
 
     async def _stamp_start() -> None:
         g.observe_start = time.perf_counter()
+        if tracing.TRACER is not None:
+            _start_span(tracing.TRACER)
 
     # First of all before_request hooks, so the duration includes them, and a request another
     # hook refuses (413, 415) is still timed and logged.
@@ -173,6 +197,13 @@ def init_app(app: Quart) -> None:
         method = request.method if request.method in _METHODS else "OTHER"
         route = _route()
         metrics.REQUESTS.labels(method, route, str(response.status_code)).inc()
+        span: Span | None = g.get("observe_span")
+        if span is not None:
+            span.update_name(f"{method} {route}")
+            span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(StatusCode.ERROR)
         metrics.REQUEST_DURATION.labels(method, route).observe(duration)
         # No query string and no headers: they may carry credentials or personal data.
         log.info(
@@ -191,7 +222,14 @@ def init_app(app: Quart) -> None:
         return response
 
     @app.teardown_request
-    async def _end(_: BaseException | None) -> None:
+    async def _end(error: BaseException | None) -> None:
+        span: Span | None = g.pop("observe_span", None)
+        if span is not None:
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(StatusCode.ERROR)
+            span.end()
+            otel_context.detach(g.pop("observe_span_token"))
         profiler: Profiler | None = g.pop("observe_profiler", None)
         if profiler is not None and profiler.is_running:
             profiler.stop()
