@@ -151,6 +151,7 @@ async def test_without_a_traceparent_a_new_trace_starts_and_the_job_carries_it(
     assert server.parent is None
     kwargs = job["k"]
     assert isinstance(kwargs, dict)
-    version, trace_id, span_id, flags = kwargs[tracing.JOB_CONTEXT_KWARG]["traceparent"].split("-")
+    traceparent = kwargs[tracing.JOB_CONTEXT_KWARG]["traceparent"]
+    _, trace_id, span_id, _ = traceparent.split("-")
     assert trace_id == format(server.context.trace_id, "032x")
     assert span_id == format(server.context.span_id, "016x")
