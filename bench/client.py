@@ -19,8 +19,9 @@ class Reply:
     body: bytes
 
 
-def _request(host: str, path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+def _request(host: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
 
 
 def _parse(raw: bytes) -> Reply:
@@ -48,13 +49,15 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-async def get(host: str, port: int, path: str, limit: float = 10) -> Reply:
-    """One GET on a fresh connection."""
+async def get(
+    host: str, port: int, path: str, limit: float = 10, headers: dict[str, str] | None = None
+) -> Reply:
+    """One GET on a fresh connection, with ``headers`` besides Host and Connection."""
 
     async def _go() -> Reply:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(_request(host, path))
+            writer.write(_request(host, path, headers))
             await writer.drain()
             return _parse(await reader.read(-1))
         finally:
@@ -64,7 +67,12 @@ async def get(host: str, port: int, path: str, limit: float = 10) -> Reply:
 
 
 async def stampede(
-    host: str, port: int, path: str, count: int, limit: float = 120
+    host: str,
+    port: int,
+    path: str,
+    count: int,
+    limit: float = 120,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[float], list[int], int, float]:
     """``count`` GETs sent at the same instant on ``count`` open connections.
 
@@ -79,7 +87,7 @@ async def stampede(
     failures = count - len(connections)
     latencies: list[float] = []
     statuses: list[int] = []
-    request = _request(host, path)
+    request = _request(host, path, headers)
 
     async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal failures

@@ -1,13 +1,18 @@
-"""Parse wrk's figures, compute the ratios and targets, print the table. No I/O but printing."""
+"""Parse wrk's figures, compute the ratios and targets, print the tables. No I/O but printing."""
 
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-SYSTEMS = ("service", "flask", "ceiling")
-SCENARIOS = ("users", "mixed", "report", "stampede")
+from bench.options import SCENARIOS, SYSTEMS
+
+if TYPE_CHECKING:
+    from bench.targets import Target
+
 MARKER = "BENCH_JSON "
 
 
@@ -26,6 +31,9 @@ class Load:
     socket_errors: int
     statuses: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    # CPU seconds of the system's serving processes over the run, and per completed request.
+    cpu_s: float | None = None
+    cpu_us_per_request: float | None = None
 
 
 @dataclass
@@ -101,127 +109,38 @@ def load_from_samples(
 
 
 Results = dict[str, dict[str, Outcome]]  # system -> scenario -> outcome
+Rounds = list[dict[str, Load]]  # the users load of each system, round by round
 
 
-def _load(results: Results, system: str, scenario: str, part: str) -> Load | None:
+def load_of(results: Results, system: str, scenario: str, part: str) -> Load | None:
+    """One load of a scenario that ran, or None."""
     outcome = results.get(system, {}).get(scenario)
     if outcome is None or outcome.status != "ok":
         return None
     return outcome.loads.get(part)
 
 
-def _ceiling(results: Results) -> Load | None:
-    # The bare app answers every path alike: its users run is the ceiling of every scenario.
-    return _load(results, "ceiling", "users", "users")
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return round(numerator / denominator, 3)
 
 
-@dataclass
-class Target:
-    """One of the issue's targets, as this run measured it."""
-
-    name: str
-    goal: str
-    measured: str
-    verdict: str  # "met", "missed" or "n/a"
-
-
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "missed")
+def median_ratio(
+    rounds: Rounds, system: str, other: str, figure: Callable[[Load], float | None]
+) -> float | None:
+    """The median over the rounds of ``figure(system) / figure(other)`` within each round."""
+    found = []
+    for loads in rounds:
+        a, b = loads.get(system), loads.get(other)
+        value = ratio(figure(a) if a else None, figure(b) if b else None)
+        if value is not None:
+            found.append(value)
+    return round(statistics.median(found), 3) if found else None
 
 
 def _fmt(value: float | None, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:g}{suffix}"
-
-
-def evaluate_targets(results: Results, memory: dict[str, list[dict[str, Any]]]) -> list[Target]:
-    """The targets of the benchmark (ratios within this run) for the service."""
-    targets: list[Target] = []
-    svc = _load(results, "service", "users", "users")
-    flask = _load(results, "flask", "users", "users")
-    ceiling = _ceiling(results)
-
-    x_flask = _ratio(svc.rps if svc else None, flask.rps if flask else None)
-    targets.append(
-        Target(
-            "users rps vs Flask",
-            ">= 2.5x",
-            _fmt(x_flask, "x"),
-            _verdict(None if x_flask is None else x_flask >= 2.5),
-        )
-    )
-    p99_ratio = _ratio(svc.p99_ms if svc else None, flask.p99_ms if flask else None)
-    targets.append(
-        Target(
-            "users p99 vs Flask",
-            "<= 0.5x",
-            _fmt(p99_ratio, "x"),
-            _verdict(None if p99_ratio is None else p99_ratio <= 0.5),
-        )
-    )
-    of_ceiling = _ratio(svc.rps if svc else None, ceiling.rps if ceiling else None)
-    targets.append(
-        Target(
-            "users rps vs ceiling",
-            ">= 0.4x",
-            _fmt(of_ceiling, "x"),
-            _verdict(None if of_ceiling is None else of_ceiling >= 0.4),
-        )
-    )
-
-    mixed_users = _load(results, "service", "mixed", "users")
-    mixed_heavy = _load(results, "service", "mixed", "heavy")
-    p99_growth = _ratio(mixed_users.p99_ms if mixed_users else None, svc.p99_ms if svc else None)
-    targets.append(
-        Target("mixed: users p99 under heavy load vs without", "<= 1.5x",
-               _fmt(p99_growth, "x"), _verdict(None if p99_growth is None else p99_growth <= 1.5))
-    )  # fmt: skip
-    if mixed_users is None or mixed_heavy is None:
-        targets.append(Target("mixed: no non-2xx but 503", "0", "n/a", "n/a"))
-    else:
-        stray = mixed_users.non_2xx + sum(
-            n for status, n in mixed_heavy.statuses.items()
-            if not status.startswith("2") and status != "503"
-        )  # fmt: skip
-        stray += mixed_users.socket_errors + mixed_heavy.socket_errors
-        targets.append(Target("mixed: no non-2xx but 503", "0", str(stray), _verdict(stray == 0)))
-
-    report = _load(results, "service", "report", "report")
-    report_share = _ratio(report.rps if report else None, ceiling.rps if ceiling else None)
-    targets.append(
-        Target(
-            "report warm rps vs ceiling",
-            ">= 0.6x",
-            _fmt(report_share, "x"),
-            _verdict(None if report_share is None else report_share >= 0.6),
-        )
-    )
-    stampede = results.get("service", {}).get("stampede")
-    count = stampede.computations if stampede and stampede.status == "ok" else None
-    targets.append(
-        Target(
-            "stampede computations",
-            "== 1",
-            _fmt(count),
-            _verdict(None if count is None else count == 1),
-        )
-    )
-
-    worst = None
-    for proc in memory.get("service", []):
-        growth = _ratio(proc.get("rss_end_kb"), proc.get("rss_warm_kb"))
-        if growth is not None and (worst is None or growth > worst):
-            worst = growth
-    targets.append(
-        Target("memory: RSS after run vs after warm-up (worst process)", "<= 1.2x",
-               _fmt(worst, "x"), _verdict(None if worst is None else worst <= 1.2))
-    )  # fmt: skip
-    return targets
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
@@ -238,64 +157,135 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def render(
-    results: Results,
-    memory: dict[str, list[dict[str, Any]]],
-    targets: list[Target],
-    machine: dict[str, Any],
-) -> str:
-    """The whole printed report: loads, ratios, stampede counts, memory, targets, machine."""
-    ceiling = _ceiling(results)
-    header = ["scenario", "system", "req/s", "p50 ms", "p99 ms", "non-2xx", "sock err",
-              "x flask", "x ceiling"]  # fmt: skip
+def _cpu(load: Load) -> float | None:
+    return load.cpu_us_per_request
+
+
+def _rps(load: Load) -> float | None:
+    return load.rps
+
+
+def _cells(load: Load) -> list[str]:
+    return [f"{load.rps:.0f}", f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}",
+            _fmt(load.cpu_us_per_request), str(load.non_2xx), str(load.socket_errors)]  # fmt: skip
+
+
+FIGURES = ["req/s", "p50 ms", "p99 ms", "CPU us/req", "non-2xx", "sock err"]
+USERS_HEADER = ["round", "system", *FIGURES, "rps x flask", "CPU x quart-lookup"]
+
+
+def rounds_table(rounds: Rounds) -> list[str]:
+    """The users lookup, round by round, and the medians; ratios taken within each round."""
+    rows: list[list[str]] = []
+    for number, loads in enumerate(rounds, start=1):
+        for system in SYSTEMS:
+            load = loads.get(system)
+            if load is None:
+                continue
+            x_flask = ratio(load.rps, _rps_of(loads, "flask"))
+            x_floor = ratio(load.cpu_us_per_request, _cpu_of(loads, "quart-lookup"))
+            rows.append([str(number), system, *_cells(load), _fmt(x_flask), _fmt(x_floor)])
+    systems = [s for s in SYSTEMS if any(s in loads for loads in rounds)]
+    for system in systems:
+        mine = [loads[system] for loads in rounds if system in loads]
+        med = _median_cells(mine)
+        rows.append(["median", system, *med,
+                     _fmt(median_ratio(rounds, system, "flask", _rps)),
+                     _fmt(median_ratio(rounds, system, "quart-lookup", _cpu))])  # fmt: skip
+    return _table(USERS_HEADER, rows)
+
+
+def _rps_of(loads: dict[str, Load], system: str) -> float | None:
+    load = loads.get(system)
+    return load.rps if load else None
+
+
+def _cpu_of(loads: dict[str, Load], system: str) -> float | None:
+    load = loads.get(system)
+    return load.cpu_us_per_request if load else None
+
+
+def _median_cells(loads: list[Load]) -> list[str]:
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    names = ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")
+    rps, p50, p99, cpu = (med([getattr(load, name) for load in loads]) for name in names)
+    errors = [sum(x.non_2xx for x in loads), sum(x.socket_errors for x in loads)]
+    return [_fmt(None if rps is None else round(rps)), _fmt(_round(p50, 1)), _fmt(_round(p99, 1)),
+            _fmt(_round(cpu, 1)),
+            *map(str, errors)]  # fmt: skip
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def scenarios_table(results: Results) -> tuple[list[str], list[str]]:
+    """Every scenario but the users rounds (lines of the table, notes below it)."""
     rows: list[list[str]] = []
     notes: list[str] = []
     for scenario in SCENARIOS:
         for system in SYSTEMS:
             outcome = results.get(system, {}).get(scenario)
-            if outcome is None:
+            if outcome is None or (scenario == "users" and outcome.status == "ok"):
                 continue
             if outcome.status != "ok":
-                rows.append([scenario, system, "-", "-", "-", "-", "-", "-", "-"])
+                rows.append([scenario, system, *["-"] * len(FIGURES)])
                 notes.append(f"{scenario}/{system}: {outcome.status}: {outcome.reason}")
                 continue
             for part, load in outcome.loads.items():
-                flask_load = _load(results, "flask", scenario, part)
                 label = scenario if part == scenario else f"{scenario}:{part}"
                 if not load.requests:
-                    rows.append([label, system, "0", "-", "-", str(load.non_2xx),
-                                 str(load.socket_errors), "-", "-"])  # fmt: skip
+                    rows.append([label, system, "0", "-", "-", "-", str(load.non_2xx),
+                                 str(load.socket_errors)])  # fmt: skip
                     notes.append(f"{label}/{system}: no request completed within the run")
                     continue
-                rows.append([
-                    label, system, f"{load.rps:.0f}", f"{load.p50_ms:.1f}", f"{load.p99_ms:.1f}",
-                    str(load.non_2xx), str(load.socket_errors),
-                    _fmt(_ratio(load.rps, flask_load.rps if flask_load else None)),
-                    _fmt(_ratio(load.rps, ceiling.rps if ceiling else None)),
-                ])  # fmt: skip
+                rows.append([label, system, *_cells(load)])
             if scenario == "stampede":
                 notes.append(
                     f"stampede/{system}: computations = {_fmt(outcome.computations)}"
                     f" [{outcome.counted_by or 'not counted'}]"
                 )
-    out = ["", "Load (x flask, x ceiling: requests/s ratios)", *_table(header, rows)]
-    if notes:
-        out += ["", *notes]
+    return (_table(["scenario", "system", *FIGURES], rows) if rows else []), notes
 
-    mem_rows = []
+
+def memory_table(memory: dict[str, list[dict[str, Any]]]) -> list[str]:
+    rows = []
     for system in SYSTEMS:
         for proc in memory.get(system, []):
-            mem_rows.append([
+            rows.append([
                 system, proc["role"], str(proc["pid"]),
                 _kb(proc.get("rss_warm_kb")), _kb(proc.get("rss_end_kb")),
                 _kb(proc.get("peak_kb")),
-                _fmt(_ratio(proc.get("rss_end_kb"), proc.get("rss_warm_kb")), "x"),
+                _fmt(ratio(proc.get("rss_end_kb"), proc.get("rss_warm_kb")), "x"),
             ])  # fmt: skip
-    if mem_rows:
-        out += ["", "Memory per process (RSS, MiB)"]
-        out += _table(["system", "process", "pid", "warm", "end", "peak", "end/warm"], mem_rows)
+    if not rows:
+        return []
+    return _table(["system", "process", "pid", "warm", "end", "peak", "end/warm"], rows)
 
-    out += ["", "Targets (service; ratios within this run)"]
+
+def render(
+    results: Results,
+    rounds: Rounds,
+    memory: dict[str, list[dict[str, Any]]],
+    targets: list[Target],
+    machine: dict[str, Any],
+) -> str:
+    """The whole printed report: rounds, other scenarios, memory, targets, machine."""
+    out = ["", "Users lookup, interleaved rounds (CPU: serving processes' utime+stime / "
+           "completed requests; ratios within each round, then their median)"]  # fmt: skip
+    out += rounds_table(rounds) if rounds else ["(no users rounds ran)"]
+    table, notes = scenarios_table(results)
+    if table:
+        out += ["", "Other scenarios (each once, in the last round)", *table]
+    if notes:
+        out += ["", *notes]
+    mem = memory_table(memory)
+    if mem:
+        out += ["", "Memory per process, last round (RSS, MiB)", *mem]
+    out += ["", "Targets (service in production configuration; ratios within this run)"]
     out += _table(
         ["target", "goal", "measured", "verdict"],
         [[t.name, t.goal, t.measured, t.verdict] for t in targets],
@@ -310,6 +300,7 @@ def _kb(value: int | None) -> str:
 
 def to_json(
     results: Results,
+    rounds: Rounds,
     memory: dict[str, list[dict[str, Any]]],
     targets: list[Target],
     machine: dict[str, Any],
@@ -319,6 +310,7 @@ def to_json(
     return {
         "settings": settings,
         "machine": machine,
+        "rounds": [{system: asdict(load) for system, load in loads.items()} for loads in rounds],
         "results": {
             system: {scenario: asdict(outcome) for scenario, outcome in scenarios.items()}
             for system, scenarios in results.items()

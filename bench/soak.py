@@ -20,31 +20,25 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.database import DOMAIN_SLOTS, database_url, seed_queries, seed_service, server_url
+from bench.machine import machine_info
+from bench.options import BENCH, HOST, LUA, ROOT
 from bench.procs import Group, _stat, role
 from bench.report import Load, parse_wrk
-from bench.run import (
-    BENCH,
-    DOMAIN_SLOTS,
-    HOST,
-    LUA,
-    ROOT,
+from bench.run import stopping
+from bench.systems import (
     SERVICE_REDIS_PREFIX,
+    System,
     check_tools,
-    database_urls,
-    machine_info,
-    seed,
-    seed_queries,
+    start_private_redis,
     start_service,
-    stopping,
 )
-from tools.private_servers import private_redis
 
 SOAK_DATABASE = "soak"
 
@@ -107,10 +101,6 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
-def soak_database_url(bench_url: str) -> str:
-    return urlunsplit(urlsplit(bench_url)._replace(path=f"/{SOAK_DATABASE}"))
-
-
 def prepare_database(server_url: str, soak_url: str, users: int) -> None:
     """The ``soak`` database, migrated and seeded afresh (the last soak's creations removed)."""
 
@@ -126,17 +116,8 @@ def prepare_database(server_url: str, soak_url: str, users: int) -> None:
     asyncio.run(create())
     env = {**os.environ, "DATABASE_URL": soak_url}
     subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, cwd=ROOT, check=True)
-    asyncio.run(reset_users(soak_url))
-    asyncio.run(seed(soak_url, users))
-
-
-async def reset_users(soak_url: str) -> None:
-    # The seeding is skipped when the count is right; a soak adds users, so start from none.
-    conn = await asyncpg.connect(soak_url)
-    try:
-        await seed_queries.clear_service_users(conn)
-    finally:
-        await conn.close()
+    # A soak adds users: it starts from exactly the seeded ones (seed_service empties first).
+    asyncio.run(seed_service(soak_url, users))
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -336,95 +317,71 @@ def drift(intervals: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 @dataclass
-class Measured:
-    """What one soak saw: the processes at the start and the end, every interval's loads and
-    processes, and why it stopped early (empty when it ran its time)."""
+class SoakRun:
+    """What the intervals gathered, and why the soak stopped early, if it did."""
 
-    start: dict[int, dict[str, Any]]
-    end: dict[int, dict[str, Any]]
-    intervals: list[dict[str, Any]]
-    samples: list[dict[str, Any]]
-    aborted: str
-    notes: list[str]
+    intervals: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    start: dict[int, dict[str, Any]] = field(default_factory=dict)
+    end: dict[int, dict[str, Any]] = field(default_factory=dict)
+    aborted: str = ""
 
 
-def soak(opts: Options, soak_url: str, logs: Path, load_before: tuple[float, ...]) -> Measured:
-    """Start a private Redis and the service, warm up, then run the intervals; everything
-    started is stopped on the way out (KeyboardInterrupt included)."""
-    started: list[Group] = []
-    with stopping(started), private_redis(logs) as redis_server:
-        env = {
-            **os.environ,
-            "DATABASE_URL": soak_url,
-            "REDIS_URL": redis_server.url,
-            "REDIS_PREFIX": SERVICE_REDIS_PREFIX,
-        }
-        _say("starting the service")
-        system = start_service(env, logs, started)
-        if opts.warmup:
-            _say(f"warm-up: {opts.warmup} s of the mixed load")
-            run_interval(system.port, opts.warmup, opts)
-        start = snapshot(system.groups)
-        _say(
-            f"soak: {opts.duration} s in {opts.interval} s intervals "
-            f"(load average {load_before[0]:.2f} at the start)"
-        )
-        intervals, samples, aborted = run_intervals(system.port, system.groups, opts)
-        end = snapshot(system.groups)
-        aborted = aborted or ended(system.groups)
-    return Measured(start, end, intervals, samples, aborted, system.notes)
-
-
-def run_intervals(
-    port: int, groups: list[Group], opts: Options
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """Interval after interval until the duration is over or a process of the service ends:
-    (each interval's loads, each interval's processes, why it stopped early)."""
-    intervals: list[dict[str, Any]] = []
-    samples: list[dict[str, Any]] = []
+def run_soak(system: System, opts: Options, load_before: tuple[float, ...]) -> SoakRun:
+    """Warm up, then the intervals until ``--duration`` is over or the service stops."""
+    run = SoakRun()
+    if opts.warmup:
+        _say(f"warm-up: {opts.warmup} s of the mixed load")
+        run_interval(system.port, opts.warmup, opts)
+    run.start = snapshot(system.groups)
+    _say(
+        f"soak: {opts.duration} s in {opts.interval} s intervals "
+        f"(load average {load_before[0]:.2f} at the start)"
+    )
     began = time.monotonic()
     while time.monotonic() - began < opts.duration - 1:
-        stopped = ended(groups)
+        stopped = ended(system.groups)
         if stopped:
-            return intervals, samples, stopped
+            run.aborted = stopped
+            break
         seconds = min(opts.interval, round(opts.duration - (time.monotonic() - began)))
         try:
-            loads = run_interval(port, max(seconds, 1), opts)
+            loads = run_interval(system.port, max(seconds, 1), opts)
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            return intervals, samples, ended(groups) or str(error).splitlines()[0]
+            run.aborted = ended(system.groups) or str(error).splitlines()[0]
+            break
         elapsed = time.monotonic() - began
-        intervals.append(
+        run.intervals.append(
             {
-                "index": len(intervals) + 1,
+                "index": len(run.intervals) + 1,
                 "elapsed_s": round(elapsed, 1),
                 "load_average": round(os.getloadavg()[0], 2),
                 "loads": {name: asdict(load) for name, load in loads.items()},
                 "errors": {name: errors_of(load) for name, load in loads.items()},
             }
         )
-        samples.append({"elapsed_s": round(elapsed, 1), "processes": snapshot(groups)})
-        print(render_interval(len(intervals), elapsed, loads), flush=True)
-    return intervals, samples, ""
+        run.samples.append({"elapsed_s": round(elapsed, 1), "processes": snapshot(system.groups)})
+        print(render_interval(len(run.intervals), elapsed, loads), flush=True)
+    run.end = snapshot(system.groups)
+    run.aborted = run.aborted or ended(system.groups)
+    return run
 
 
-def verdict_of(measured: Measured) -> dict[str, Any]:
-    """Flat when memory and descriptors stayed flat, nothing failed and it ran its time."""
-    verdict = judge(
-        measured.start, measured.end, [sample["processes"] for sample in measured.samples]
-    )
-    intervals = measured.intervals
-    total_errors = sum(sum(i["errors"].values()) for i in intervals)
+def soak_verdict(run: SoakRun) -> dict[str, Any]:
+    """The processes' verdict, with the errors, the early stop and the latency drift."""
+    verdict = judge(run.start, run.end, [sample["processes"] for sample in run.samples])
+    total_errors = sum(sum(i["errors"].values()) for i in run.intervals)
     verdict["errors"] = total_errors
     verdict["deliberate_503"] = sum(
         int(load.get("statuses", {}).get("503", 0))
-        for i in intervals
+        for i in run.intervals
         for load in i["loads"].values()
     )
-    verdict["aborted"] = measured.aborted
+    verdict["aborted"] = run.aborted
     verdict["flat"] = (
-        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not measured.aborted
+        verdict["rss_flat"] and verdict["fds_flat"] and total_errors == 0 and not run.aborted
     )
-    verdict["latency"] = drift(intervals)
+    verdict["latency"] = drift(run.intervals)
     return verdict
 
 
@@ -453,23 +410,21 @@ def print_summary(verdict: dict[str, Any], machine: dict[str, Any]) -> None:
     )
 
 
-def save(
-    opts: Options, stamp: str, measured: Measured, verdict: dict[str, Any], machine: dict[str, Any]
-) -> Path:
-    """Everything as JSON in the results directory; returns the file."""
+def save(opts: Options, stamp: str, run: SoakRun, verdict: dict[str, Any],
+         machine: dict[str, Any], notes: list[str]) -> Path:  # fmt: skip
     settings = {
         "duration_s": opts.duration, "interval_s": opts.interval, "warmup_s": opts.warmup,
         "users": opts.users, "heavy_n": opts.heavy_n, "quick": opts.quick, "started_at": stamp,
         "loads": {name: {"mode": m, "connections": c} for name, (m, c, _p, _n) in LOADS.items()},
-        "notes": measured.notes,
+        "notes": notes,
     }  # fmt: skip
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     out = opts.results_dir / f"soak-{stamp}{'-quick' if opts.quick else ''}.json"
     results = {
         "settings": settings,
         "machine": machine,
-        "intervals": measured.intervals,
-        "processes": {"start": measured.start, "end": measured.end, "samples": measured.samples},
+        "intervals": run.intervals,
+        "processes": {"start": run.start, "end": run.end, "samples": run.samples},
         "verdict": verdict,
     }
     out.write_text(json.dumps(results, indent=2, default=str))
@@ -482,28 +437,38 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logs = BENCH / ".logs" / f"soak-{stamp}"
-    server_url, bench_url = database_urls()
-    soak_url = soak_database_url(bench_url)
-    prepare_database(server_url, soak_url, opts.users)
+    server = server_url()
+    soak_url = database_url(server, SOAK_DATABASE)
+    prepare_database(server, soak_url, opts.users)
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout.strip()
+    started: list[Group] = []
     try:
-        measured = soak(opts, soak_url, logs, load_before)
+        with stopping(started):
+            redis_port = start_private_redis(logs, started)
+            env = {
+                **os.environ,
+                "DATABASE_URL": soak_url,
+                "REDIS_URL": f"redis://{HOST}:{redis_port}/0",
+                "REDIS_PREFIX": SERVICE_REDIS_PREFIX,
+            }
+            _say("starting the service")
+            system = start_service(env, logs, started)
+            run = run_soak(system, opts, load_before)
     except KeyboardInterrupt:
         _say("interrupted: every process the soak started has been stopped")
         return 130
-
-    verdict = verdict_of(measured)
+    verdict = soak_verdict(run)
     machine = machine_info(soak_url, None)
     machine["commit"] = commit  # the one measured, not what the tree holds by the end
     machine["load_average_before"] = [round(v, 2) for v in load_before]
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     print_summary(verdict, machine)
-    out = save(opts, stamp, measured, verdict, machine)
+    out = save(opts, stamp, run, verdict, machine, system.notes)
     print(f"\nresults saved to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(f"logs of every process in {logs.relative_to(ROOT)}")
     return 0 if verdict["flat"] else 1

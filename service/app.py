@@ -19,6 +19,7 @@ from service.obs.logs import configure_logging
 from service.openapi import ServiceOpenAPIProvider
 from service.pipeline import auth
 from service.pipeline.drain import install_graceful_drain
+from service.pipeline.headers import limit_headers
 from service.pipeline.instrument import init_app as init_observability
 from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
@@ -138,4 +139,6 @@ def create_app(settings: Settings | None = None) -> Quart:
         return response
 
     init_observability(app)  # metrics, request logs, blocking detection, profiling
+    # Outermost: an oversized head is refused before Quart builds a request from it.
+    app.asgi_app = limit_headers(app.asgi_app, settings.max_header_bytes)  # type: ignore[method-assign,assignment]
     return app

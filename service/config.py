@@ -72,7 +72,12 @@ class Settings(BaseSettings):
     report_top_domains: int = Field(default=10, ge=1, le=1000)
 
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Request target plus header names and values, in bytes; larger gets 431. hypercorn.toml
+    # sets the same for its own buffers.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     readiness_timeout: float = Field(default=1.0, gt=0)
+    # Concurrent /readyz probes in one process share one check, and its result for this long.
+    readiness_cache: float = Field(default=1.0, ge=0)
 
     # Tasks (arq): the API's limits and the worker's settings.
     # About 10 s of one core for the largest sum: well within TASK_TIMEOUT.
@@ -123,8 +128,14 @@ class Settings(BaseSettings):
     rate_limit_read: int = Field(default=600, ge=1)
     rate_limit_write: int = Field(default=120, ge=1)
     rate_limit_admin: int = Field(default=60, ge=1)
-    # The limiter gives up on Redis after this long and lets the request through.
-    rate_limit_timeout: float = Field(default=0.25, gt=0)
+    # Seconds between a process's batched syncs with Redis (service/pipeline/ratelimit.py).
+    rate_limit_sync_interval: float = Field(default=0.05, gt=0, le=5)
+    # API processes sharing the limits (replicas x Hypercorn workers): each takes a share of
+    # 1/N of what is left per sync, and limits itself to 1/N of the limit while Redis is down.
+    rate_limit_processes: int = Field(default=2, ge=1, le=10_000)
+    # A sync that waits longer than this on Redis's socket fails (confirmed by a PING before
+    # Redis counts as down).
+    rate_limit_timeout: float = Field(default=1.0, gt=0)
 
     # Observability: blocking detection, slow queries, profiling, worker metrics.
     # The event loop held longer than this (seconds) logs a warning with the blocking stack.

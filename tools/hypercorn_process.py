@@ -3,13 +3,16 @@ the tests and the benchmark's scripts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -65,13 +68,40 @@ def hypercorn(
         wait_until_serving(base_url, process)
         yield base_url, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (children first), from /proc."""
+    found: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found.append(child)
+        found.extend(descendants(child))
+    return found
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM the server, then make sure none of its workers outlives it.
+
+    A worker that is still starting when the master goes (a server that never served in
+    time) would be left running under init, holding a core and ignoring SIGTERM while it
+    drains; so its pids are noted first and any still alive at the end get SIGKILL.
+    """
+    workers = descendants(process.pid)
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def output(process: subprocess.Popen[bytes]) -> str:

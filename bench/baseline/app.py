@@ -1,10 +1,12 @@
-"""The Flask original, as the article wrote it after its first fixes: a psycopg pool, the users
-query (no index behind it), an expensive result cached in Redis with a plain get/set, the heavy
-task handed to Celery, served by ``gunicorn -w 4 --threads 4``.
+"""The Flask original, as the article wrote it after its fixes: a psycopg pool, the users
+query, an expensive result cached in Redis with a plain get/set, the heavy task handed to
+Celery, served by ``gunicorn -w 4 --threads 4``.
 
-Two things are the benchmark's, not the article's: the connection settings come from the
-environment, and each computation of the expensive result is counted with a Redis INCR so the
-stampede scenario can report how many times it ran.
+Three things are the benchmark's, not the article's: the connection settings come from the
+environment; BASELINE_SCHEMA picks the table (``flask_baseline``, no index: the seed's
+problem; ``flask_fixed``, with the article's index on email: bench/baseline/fixed.sql); and
+each computation of the expensive result is counted with a Redis INCR so the stampede
+scenario can report how many times it ran.
 """
 
 import json
@@ -21,7 +23,10 @@ pool = ConnectionPool(
     os.environ["DATABASE_URL"],
     min_size=4,
     max_size=4,
-    kwargs={"row_factory": dict_row, "options": "-c search_path=flask_baseline"},
+    kwargs={
+        "row_factory": dict_row,
+        "options": "-c search_path=" + os.environ.get("BASELINE_SCHEMA", "flask_baseline"),
+    },
     open=True,
 )
 cache = redis.Redis.from_url(os.environ["REDIS_URL"])

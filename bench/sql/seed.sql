@@ -2,9 +2,14 @@
 -- Whether a database of that name exists on the server.
 SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = :name);
 
--- name: create_bench_database()#
--- The benchmark's own database, so a run never touches anyone else's tables.
-CREATE DATABASE bench;
+-- name: create_database_statement(name)$
+-- The statement creating a database of that name, the name quoted by PostgreSQL itself
+-- (a database name cannot be a bind parameter of CREATE DATABASE).
+SELECT format('CREATE DATABASE %I', CAST(:name AS text));
+
+-- name: drop_database_statement(name)$
+-- The statement dropping that database, its connections closed first.
+SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', CAST(:name AS text));
 
 -- name: create_soak_database()#
 -- The soak's own database (bench/soak.py), so its writes never change the benchmark's tables.
@@ -14,17 +19,9 @@ CREATE DATABASE soak;
 -- Rows in the service's users table (public schema of the bench database).
 SELECT count(*) FROM public.users;
 
--- name: count_flask_users()$
--- Rows in the Flask original's users table.
-SELECT count(*) FROM flask_baseline.users;
-
 -- name: clear_service_users()#
 -- Empty the service's table (and anything referencing it) before seeding again.
 TRUNCATE public.users RESTART IDENTITY CASCADE;
-
--- name: clear_flask_users()#
--- Empty the Flask original's table before seeding again.
-TRUNCATE flask_baseline.users RESTART IDENTITY;
 
 -- name: seed_service_users(slots, count)!
 -- User i gets user<i>@<slots[i % n]> (bench/wrk/load.lua draws e-mails the same way) and a
@@ -45,10 +42,17 @@ SELECT 'user' || i || '@' || d.slots[i % cardinality(d.slots) + 1],
   FROM (SELECT CAST(:slots AS text[]) AS slots) AS d,
        generate_series(1, CAST(:count AS integer)) AS i;
 
+-- name: copy_flask_users_to_fixed()!
+-- The same users again in the fixed original's table (bench/baseline/fixed.sql), whose index
+-- is the article's fix.
+INSERT INTO flask_fixed.users (id, email, name, created_at)
+SELECT id, email, name, created_at FROM flask_baseline.users;
+
 -- name: analyze_users()#
--- Fresh planner statistics for both tables after seeding.
+-- Fresh planner statistics for the three tables after seeding.
 ANALYZE public.users;
 ANALYZE flask_baseline.users;
+ANALYZE flask_fixed.users;
 
 -- name: users_table_scans(schema)$
 -- Scans of a users table so far (sequential + index): the report reads the table each time it

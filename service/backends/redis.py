@@ -26,27 +26,35 @@ class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingCo
     """
 
 
-def _pool_options(settings: Settings) -> dict[str, Any]:
+def _pool_options(
+    settings: Settings, max_connections: int | None, socket_timeout: float | None
+) -> dict[str, Any]:
     return {
-        "max_connections": settings.redis_pool_max_size,
+        "max_connections": max_connections or settings.redis_pool_max_size,
         "timeout": settings.redis_pool_timeout,
-        "socket_timeout": settings.redis_socket_timeout,
+        "socket_timeout": socket_timeout or settings.redis_socket_timeout,
         "socket_connect_timeout": settings.redis_connect_timeout,
         "health_check_interval": 30,
     }
 
 
-def redis_pool(settings: Settings) -> aioredis.BlockingConnectionPool:
+def redis_pool(
+    settings: Settings,
+    *,
+    max_connections: int | None = None,
+    socket_timeout: float | None = None,
+) -> aioredis.BlockingConnectionPool:
     """The Redis connection pool every client here uses (the API's and the worker's): the
     whole ``REDIS_URL`` (TLS and password options included), timeouts, and a bounded pool
     that waits, rather than fails, when full. redis-py sets no timeouts by default.
 
     With ``REDIS_SENTINELS`` the pool follows the primary those Sentinels name.
+    ``max_connections`` and ``socket_timeout`` override the settings for a client of its own
+    (the rate limiter's).
     """
+    options = _pool_options(settings, max_connections, socket_timeout)
     if not settings.redis_sentinels:
-        return aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, **_pool_options(settings)
-        )
+        return aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
     # REDIS_URL still gives the primary's password, database number and TLS options; its
     # host and port are the Sentinels' to decide.
     url_options = aioredis.BlockingConnectionPool.from_url(settings.redis_url).connection_kwargs
@@ -65,7 +73,7 @@ def redis_pool(settings: Settings) -> aioredis.BlockingConnectionPool:
         settings.redis_sentinel_master,
         sentinel,
         connection_class=SentinelManagedSSLConnection if tls else SentinelManagedConnection,
-        **_pool_options(settings),
+        **options,
         **connection,
     )
 

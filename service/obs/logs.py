@@ -58,12 +58,32 @@ def _access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# The last whole second formatted and its text, swapped as one tuple (threads log too).
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float) -> str:
+    """ISO 8601 in UTC with milliseconds, as ``datetime.isoformat(timespec="milliseconds")``
+    writes it; the part up to the second is formatted once per second, not once per line."""
+    whole = int(created)
+    # Rounded to the microsecond first, as datetime does, then cut to the millisecond.
+    micros = round((created - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    global _second
+    seen, text = _second
+    if seen != whole:
+        text = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (whole, text)
+    return f"{text}.{micros // 1000:03d}+00:00"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request_id, and any extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "ts": _timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,

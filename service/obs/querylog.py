@@ -36,6 +36,18 @@ def query_name(sql: str) -> str:
     return _names.get(sql, "unnamed")
 
 
+# The histogram's child per query name, looked up once: ``.labels()`` validates and locks on
+# every call, and the names are the fixed set of sql/*.sql (plus "unnamed").
+_durations: dict[str, Any] = {}
+
+
+def _duration_of(name: str) -> Any:
+    child = _durations.get(name)
+    if child is None:
+        child = _durations[name] = QUERY_DURATION.labels(name)
+    return child
+
+
 class QueryLogger:
     """A callback for ``Connection.add_query_logger``."""
 
@@ -44,7 +56,7 @@ class QueryLogger:
 
     def __call__(self, record: Any) -> None:
         name = query_name(record.query)
-        QUERY_DURATION.labels(name).observe(record.elapsed)
+        _duration_of(name).observe(record.elapsed)
         if record.elapsed >= self.threshold:
             SLOW_QUERIES.labels(name).inc()
             log.warning(

@@ -14,7 +14,7 @@ import hmac
 import logging
 from collections.abc import Mapping
 
-from quart import Quart, Response, current_app, g, request
+from quart import Quart, Response, g, request
 
 from service.apikeys import ApiKey, parse_api_keys
 from service.config import Settings, split_list
@@ -107,6 +107,17 @@ def install(app: Quart, settings: Settings) -> None:
     keys = parse_api_keys(settings.api_keys)
     enforced = bool(keys)
     limiter = RateLimiter(settings) if settings.rate_limited else None
+    if limiter is not None:
+        app.extensions["rate_limiter"] = limiter
+
+        @app.before_serving
+        async def _start_limiter() -> None:
+            await limiter.start()
+
+        @app.after_serving
+        async def _stop_limiter() -> None:
+            await limiter.stop()
+
     if not enforced:
 
         @app.before_serving
@@ -138,20 +149,18 @@ def install(app: Quart, settings: Settings) -> None:
         key = find_key(request.headers.get("Authorization"), keys)
         g.api_key_name = key.name if key else None
         g.api_key_admin = not enforced or (key is not None and "admin" in key.scopes)
-        redis_client = current_app.extensions.get("redis")
-        if limiter is not None and redis_client is not None:
+        if limiter is not None:
             # Counted before the key is judged, so a flood of bad keys is limited too.
             identity = f"key:{key.name}" if key else f"addr:{request.remote_addr or '-'}"
-            verdict = await limiter.hit(redis_client, scope, identity)
-            if verdict is not None:
-                g.rate_limit_headers = verdict.headers()
-                if not verdict.allowed:
-                    raise APIError(
-                        429,
-                        f"Over the limit of {verdict.limit} {scope} requests per "
-                        f"{verdict.window} s; retry after {verdict.reset} s.",
-                        headers={"Retry-After": str(verdict.reset), **verdict.headers()},
-                    )
+            verdict = await limiter.hit(scope, identity)
+            g.rate_limit_headers = verdict.headers()
+            if not verdict.allowed:
+                raise APIError(
+                    429,
+                    f"Over the limit of {verdict.limit} {scope} requests per "
+                    f"{verdict.window} s; retry after {verdict.reset} s.",
+                    headers={"Retry-After": str(verdict.reset), **verdict.headers()},
+                )
         if not enforced:
             return
         if key is None:

@@ -47,6 +47,43 @@ async def _outcome(check: Any) -> str:
     return result
 
 
+async def _checks() -> dict[str, str]:
+    postgres, redis_state = await asyncio.gather(_outcome(_check_postgres), _outcome(_check_redis))
+    return {"postgres": postgres, "redis": redis_state}
+
+
+class SharedCheck:
+    """One readiness check per process at a time, its result kept for ``ttl`` seconds.
+
+    ``/readyz`` is open, so a flood of probes must not become a flood of pooled connections:
+    concurrent probes await the same check, and probes within ``ttl`` of it get its result.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.runs = 0  # checks actually run, for tests
+        self._running: asyncio.Task[dict[str, str]] | None = None
+        self._result: dict[str, str] | None = None
+        self._at = 0.0
+
+    async def result(self) -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        if self._result is not None and loop.time() - self._at < self.ttl:
+            return self._result
+        if self._running is None:
+            self.runs += 1
+            self._running = asyncio.create_task(_checks())
+            self._running.add_done_callback(self._done)
+        # Shielded: a probe that goes away does not cancel the others' check.
+        return await asyncio.shield(self._running)
+
+    def _done(self, task: asyncio.Task[dict[str, str]]) -> None:
+        self._running = None
+        if not task.cancelled() and task.exception() is None:
+            self._result = task.result()
+            self._at = asyncio.get_running_loop().time()
+
+
 @blueprint.get("/healthz")
 @document_response(Liveness)
 async def healthz() -> dict[str, str]:
@@ -60,12 +97,16 @@ async def healthz() -> dict[str, str]:
 async def readyz() -> tuple[dict[str, Any], int]:
     """Whether this process can serve: PostgreSQL answers `SELECT 1` and Redis answers `PING`.
 
-    Each check is bounded by `READINESS_TIMEOUT`. PostgreSQL failing makes the answer 503, since
-    no user route can serve without it. Redis failing marks the service `degraded` but keeps it
-    ready: the report is then computed without the cache and only task submission is refused.
+    Each check is bounded by `READINESS_TIMEOUT`; concurrent probes share one check per
+    process, and its result for `READINESS_CACHE` seconds. PostgreSQL failing makes the
+    answer 503, since no user route can serve without it. Redis failing marks the service
+    `degraded` but keeps it ready: the report is then computed without the cache and only task
+    submission is refused.
     """
-    postgres, redis_state = await asyncio.gather(_outcome(_check_postgres), _outcome(_check_redis))
-    checks = {"postgres": postgres, "redis": redis_state}
-    if postgres != "ok":
+    shared: SharedCheck | None = current_app.extensions.get("readiness")
+    if shared is None:
+        shared = current_app.extensions["readiness"] = SharedCheck(settings().readiness_cache)
+    checks = await shared.result()
+    if checks["postgres"] != "ok":
         return {"status": "unavailable", "checks": checks}, 503
-    return {"status": "ok" if redis_state == "ok" else "degraded", "checks": checks}, 200
+    return {"status": "ok" if checks["redis"] == "ok" else "degraded", "checks": checks}, 200

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, current_app, g, request
-from quart_schema import document_headers, document_response, validate_querystring, validate_request
+from quart_schema import document_headers, document_response, validate_request
 
 from service.backends.resources import settings
 from service.backends.taskqueue import (
@@ -24,6 +24,7 @@ from service.backends.taskqueue import (
 from service.errors import APIError, invalid
 from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
 from service.openapi import LocationHeader
+from service.routes.querystring import validate_query
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ async def abort_task(task_id: str) -> tuple[dict[str, Any], int]:
 
 
 @blueprint.get("/heavy-task")
-@validate_querystring(HeavyTaskQuery)
+@validate_query(HeavyTaskQuery)
 @document_response(HeavyTaskResult)
 @document_response(TaskModel, 202, LocationHeader)
 async def heavy_task(query_args: HeavyTaskQuery) -> Any:

@@ -18,16 +18,13 @@ from pydantic import (
     model_validator,
 )
 from quart import Blueprint, Response
-from quart_schema import (
-    document_response,
-    validate_querystring,
-    validate_request,
-)
+from quart_schema import document_response, validate_request
 
 from service.backends.db import load_queries
 from service.backends.resources import connection
 from service.errors import APIError, invalid
 from service.openapi import LocationHeader
+from service.routes.querystring import validate_query
 
 blueprint = Blueprint("users", __name__)
 queries = load_queries("users")
@@ -160,7 +157,7 @@ def _duplicate(email: str) -> APIError:
 
 
 @blueprint.get("/users")
-@validate_querystring(UsersQuery)
+@validate_query(UsersQuery)
 @document_response(UserList)
 async def list_users(query_args: UsersQuery) -> dict[str, Any]:
     """Find users by e-mail (`?email=`, case-insensitive, zero or one user), or page through all

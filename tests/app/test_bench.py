@@ -1,21 +1,35 @@
-"""The benchmark's parsing, ratios and targets (no load is generated here)."""
+"""The benchmark's parsing, ratios, targets and counters (no load is generated here)."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
+from bench.counters import CpuWindow, per_request_us, process_cpu_ticks
+from bench.database import database_url, drop_database, is_bench_database, new_database_name
+from bench.load import wrk_command
+from bench.options import ROOT
+from bench.procs import Group
 from bench.report import (
     Load,
     Outcome,
-    evaluate_targets,
     load_from_samples,
+    median_ratio,
     parse_wrk,
     percentile,
     render,
     to_json,
 )
+from bench.scenarios import median_load
+from bench.systems import System, production_env
+from bench.targets import evaluate_targets
+from service.apikeys import hash_key, parse_api_keys
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:5000
   2 threads and 32 connections
@@ -70,50 +84,160 @@ def test_stampede_samples_become_a_load() -> None:
     assert percentile([], 99) == 0.0
 
 
-def test_targets_met_missed_and_not_measured() -> None:
+def load_cpu(rps: float, p99_ms: float, cpu_us: float) -> Load:
+    result = load(rps, p99_ms)
+    result.cpu_us_per_request = cpu_us
+    return result
+
+
+def test_targets_take_ratios_within_each_round_then_their_median() -> None:
+    # Round 2 is twice as busy for everyone: within-round ratios ignore it, medians do not mix.
+    rounds = [
+        {"service": load_cpu(2000, 10, 550), "service-dev": load_cpu(2200, 9, 500),
+         "flask": load_cpu(800, 30, 1300), "quart-lookup": load_cpu(2400, 9, 500)},
+        {"service": load_cpu(1000, 20, 1100), "service-dev": load_cpu(1100, 18, 1000),
+         "flask": load_cpu(400, 60, 2600), "quart-lookup": load_cpu(1200, 18, 1000)},
+        {"service": load_cpu(2000, 10, 600), "service-dev": load_cpu(1900, 11, 650),
+         "flask": load_cpu(800, 30, 1300), "quart-lookup": load_cpu(2400, 9, 500)},
+    ]  # fmt: skip
     results = {
         "service": {
-            "users": Outcome("ok", loads={"users": load(3000, 10)}),
             "mixed": Outcome(
                 "ok",
-                loads={"users": load(2500, 20), "heavy": load(2, 900, 3, {"200": 17, "503": 3})},
+                loads={"users": load(1800, 12), "heavy": load(2, 900, 3, {"200": 17, "503": 3})},
             ),
+            "tasks": Outcome("ok", loads={"tasks": load(100, 40)}),  # p50 = 40 / 4 = 10 ms
             "report": Outcome("skipped", "GET /expensive-operation answered 404"),
         },
-        "flask": {"users": Outcome("ok", loads={"users": load(1000, 30)})},
-        "ceiling": {"users": Outcome("ok", loads={"users": load(6000, 5)})},
     }
     memory = {"service": [{"pid": 1, "role": "hypercorn", "rss_warm_kb": 100, "rss_end_kb": 130}]}
-    verdicts = {t.name: (t.measured, t.verdict) for t in evaluate_targets(results, memory)}
-    assert verdicts["users rps vs Flask"] == ("3x", "met")
-    assert verdicts["users p99 vs Flask"] == ("0.333x", "met")
-    assert verdicts["users rps vs ceiling"] == ("0.5x", "met")
-    assert verdicts["mixed: users p99 under heavy load vs without"] == ("2x", "missed")
+    verdicts = {t.name: (t.measured, t.verdict) for t in evaluate_targets(results, rounds, memory)}
+    assert verdicts["users CPU/request vs minimal Quart"] == ("1.1x", "PASS")  # 1.1, 1.1, 1.2
+    assert verdicts["users req/s vs fixed Flask"] == ("2.5x", "PASS")
+    assert verdicts["users p99 vs fixed Flask"] == ("0.333x", "PASS")
+    assert verdicts["development CPU/request vs production"] == ("0.909x", "PASS")
+    assert verdicts["development req/s vs production"] == ("1.1x", "PASS")
+    # Against the last round's users p99 alone (10 ms), in the same process.
+    assert verdicts["mixed: users p99 under heavy load vs alone"] == ("1.2x", "PASS")
     # 503s from an over-limit queue are deliberate; nothing else went wrong.
-    assert verdicts["mixed: no non-2xx but 503"] == ("0", "met")
-    assert verdicts["report warm rps vs ceiling"] == ("n/a", "n/a")
-    assert verdicts["stampede computations"] == ("n/a", "n/a")
-    assert verdicts["memory: RSS after run vs after warm-up (worst process)"] == ("1.3x", "missed")
+    assert verdicts["mixed: non-2xx other than 503, socket errors"] == ("0", "PASS")
+    assert verdicts["tasks: median latency of /heavy-task?n=1000"] == ("10 ms", "PASS")
+    assert verdicts["stampede: computations"] == ("n/a", "n/a")
+    assert verdicts["memory: RSS after the run vs after warm-up (worst process)"] == (
+        "1.3x",
+        "MISS",
+    )
+    assert median_ratio(rounds, "service", "missing", lambda x: x.rps) is None
 
 
-def test_render_and_json_show_skipped_scenarios_with_their_reason() -> None:
+def test_rounds_become_medians_and_render_with_their_ratios() -> None:
+    rounds = [
+        {"service": load_cpu(2000, 10, 600), "flask": load_cpu(1000, 30, 1200)},
+        {"service": load_cpu(3000, 8, 500), "flask": load_cpu(1000, 20, 1300)},
+        {"service": load_cpu(1000, 30, 700), "flask": load_cpu(800, 40, 1400)},
+    ]
+    median = median_load([r["service"] for r in rounds])
+    assert (median.rps, median.p99_ms, median.cpu_us_per_request) == (2000, 10, 600)
+    assert median.requests == sum(r["service"].requests for r in rounds)
     results = {
         "service": {"stampede": Outcome("skipped", "GET /expensive-operation answered 404")},
         "flask": {
-            "users": Outcome("ok", loads={"users": load(1000, 30)}),
             "stampede": Outcome(
                 "ok", loads={"stampede": load(100, 500)}, computations=16, counted_by="INCR"
             ),
         },
     }
-    targets = evaluate_targets(results, {})
-    text = render(results, {}, targets, {"cores": 2})
+    targets = evaluate_targets(results, rounds, {})
+    text = render(results, rounds, {}, targets, {"cores": 2})
     assert "stampede/service: skipped: GET /expensive-operation answered 404" in text
     assert "stampede/flask: computations = 16 [INCR]" in text
+    # The median row of the service: req/s 2000, and the median of 2, 3 and 1.25 (x flask).
+    rows = [line.split() for line in text.splitlines()]
+    assert ["median", "service", "2000"] in [row[:3] for row in rows]
+    assert next(row for row in rows if row[:2] == ["median", "service"])[-2:] == ["2", "n/a"]
     assert "cores=2" in text
-    saved = json.loads(json.dumps(to_json(results, {}, targets, {"cores": 2}, {"users": 10})))
+    saved = json.loads(json.dumps(to_json(results, rounds, {}, targets, {"cores": 2}, {})))
     assert saved["results"]["flask"]["stampede"]["computations"] == 16
-    assert saved["results"]["service"]["stampede"]["status"] == "skipped"
+    assert saved["rounds"][1]["service"]["cpu_us_per_request"] == 500
+
+
+@pytest.mark.slow
+def test_cpu_window_counts_a_real_process_group() -> None:
+    # A child that burns 0.3 s of CPU (its own clock, not the wall's) and then idles.
+    burn = (
+        "import time\n"
+        "while time.process_time() < 0.3: pass\n"
+        "print('burnt', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        group = Group("burn", [sys.executable, "-c", burn], dict(os.environ), ROOT,
+                      Path(folder) / "burn.log")  # fmt: skip
+        try:
+            window = CpuWindow(group.pids)
+            window.start()
+            deadline = time.monotonic() + 30  # a bound against a hang, not a timing
+            while "burnt" not in group.tail() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seconds = window.stop()
+        finally:
+            group.stop()
+    assert 0.25 <= seconds < 5
+    assert per_request_us(seconds, 1000) == round(seconds * 1000, 1)
+    assert per_request_us(seconds, 0) is None
+    assert process_cpu_ticks(2**22 + 12345) is None  # above pid_max: never a process
+
+
+@pytest.mark.slow
+def test_server_pids_leave_out_the_worker_and_its_children() -> None:
+    # A stand-in for `devstack run`: an API process and a `python -m workers` with a child.
+    worker = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+        "time.sleep(30)\n"
+    )
+    leader = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}, '-m', 'workers'])\n"
+        "time.sleep(30)\n"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        group = Group("api", [sys.executable, "-c", leader], dict(os.environ), ROOT,
+                      Path(folder) / "api.log")  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while len(group.pids()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(group.pids()) == 3
+            system = System("service", 1, [group])
+            assert system.server_pids() == [group.pid]
+        finally:
+            group.stop()
+
+
+def test_the_database_name_is_fresh_and_only_such_names_are_dropped() -> None:
+    first, second = new_database_name(), new_database_name()
+    assert first != second
+    assert is_bench_database(first)
+    assert first.startswith("bench_quart_service_")
+    for name in ("bench", "postgres", "test", "bench_quart_service_", first + "0", "x" + first):
+        assert not is_bench_database(name)
+        with pytest.raises(ValueError, match="not a benchmark database"):
+            drop_database("postgresql://127.0.0.1:1/postgres", name)
+    url = database_url("postgresql://u@db:5432/app?sslmode=require&search_path=x", first)
+    assert url == f"postgresql://u@db:5432/{first}?sslmode=require"
+
+
+def test_production_sends_its_key_with_every_load() -> None:
+    env, headers = production_env({})
+    assert env["ENVIRONMENT"] == "production"
+    assert int(env["RATE_LIMIT_READ"]) >= 10**9
+    (entry,) = parse_api_keys(env["API_KEYS"])
+    token = headers["Authorization"].removeprefix("Bearer ")
+    assert bytes.fromhex(hash_key(token)) == entry.digest
+    command = wrk_command(System("service", 8000, [], headers=headers), "users", 32, 10, 100)
+    assert command[command.index("-H") + 1] == f"Authorization: Bearer {token}"
+    assert "-H" not in wrk_command(System("flask", 8000, []), "users", 32, 10, 100)
 
 
 def _proc(rss_kb: int, fds: int) -> dict[str, object]:

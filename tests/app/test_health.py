@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from quart.typing import TestClientProtocol as Client
 
@@ -19,6 +21,25 @@ async def test_healthz_and_readyz_when_all_answers(client: Client) -> None:
         "status": "ok",
         "checks": {"postgres": "ok", "redis": "ok"},
     }
+
+
+async def test_concurrent_readyz_probes_share_one_check_for_a_while(settings: Settings) -> None:
+    one_connection = {"db_pool_min_size": 1, "db_pool_max_size": 1, "readiness_cache": 0.3}
+    app = create_app(settings.model_copy(update=one_connection))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        queries: list[str] = []
+        async with app.extensions["db_pool"].acquire() as conn:
+            # The pool's only connection: every probe's SELECT 1 is logged here.
+            conn.add_query_logger(lambda record: queries.append(record.query))
+        probes = await asyncio.gather(*(client.get("/readyz") for _ in range(50)))
+        assert [p.status_code for p in probes] == [200] * 50
+        assert queries.count("SELECT 1") == 1  # one check for 50 probes
+        assert (await client.get("/readyz")).status_code == 200
+        assert queries.count("SELECT 1") == 1  # within READINESS_CACHE: the same result
+        await asyncio.sleep(0.35)
+        assert (await client.get("/readyz")).status_code == 200
+        assert queries.count("SELECT 1") == 2  # then checked again
 
 
 async def test_readyz_reports_redis_down_as_degraded(settings: Settings) -> None:

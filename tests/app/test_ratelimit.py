@@ -68,19 +68,21 @@ async def test_bad_keys_are_limited_too(settings: Settings) -> None:
         assert statuses == [401, 401, 401, 429]
 
 
-async def test_with_redis_down_the_limiter_lets_requests_through(
+async def test_with_redis_down_each_process_limits_on_its_own(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = limited(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     async with create_app(dead).test_app() as test_app:
         client: Client = test_app.test_client()
         responses = [await client.get("/users", headers=bearer("reader")) for _ in range(6)]
-    assert [r.status_code for r in responses] == [200] * 6
-    assert all("RateLimit" not in r.headers for r in responses)
+    # The local bucket: ceil(3 / RATE_LIMIT_PROCESSES=2) = 2 per process and window.
+    assert [r.status_code for r in responses] == [200, 200, 429, 429, 429, 429]
+    assert responses[0].headers["RateLimit"].startswith('"read";r=1;t=')
+    assert responses[2].content_type == PROBLEM_JSON
     warnings = [r for r in caplog.records if r.name == "service.pipeline.ratelimit"]
-    # One warning, then the limiter stays out of the way instead of retrying every request.
+    # One warning for the outage, not one per request.
     assert len(warnings) == 1
-    assert "letting requests through" in warnings[0].getMessage()
+    assert "Redis unavailable" in warnings[0].getMessage()
 
 
 def test_rate_limit_settings_are_read_from_the_environment(

@@ -1,0 +1,121 @@
+"""The rate limiter when its Redis stops, hangs, or only seems slow because the loop was held.
+
+A private redis-server per test (tools/private_servers.py), killed, frozen and restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+import redis.asyncio as aioredis
+from quart.typing import TestClientProtocol as Client
+
+from service.app import create_app
+from service.config import Settings
+from service.pipeline.ratelimit import RateLimiter
+from tests.app.test_auth import bearer, production
+from tools.private_servers import private_redis
+
+
+async def statuses(client: Client, key: str, count: int) -> list[int]:
+    return [(await client.get("/users", headers=bearer(key))).status_code for _ in range(count)]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110 -- the limiter's own state, polled
+            await asyncio.sleep(0.05)
+
+
+def limiter_of(app: object) -> RateLimiter:
+    limiter: RateLimiter = app.extensions["rate_limiter"]  # type: ignore[attr-defined]
+    return limiter
+
+
+async def test_redis_killed_limits_each_process_on_its_own_then_recovers(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with private_redis() as server:
+        # Limit 4 per window; with RATE_LIMIT_PROCESSES=2 each process may admit 2 alone.
+        app = create_app(production(settings, redis_url=server.url, rate_limit_read=4))
+        limiter = limiter_of(app)
+        async with app.test_app() as test_app:
+            client = test_app.test_client()
+            assert await statuses(client, "reader", 5) == [200] * 4 + [429]
+
+            server.stop()
+            # Not unlimited: a key new in this window gets the local share, then 429s.
+            assert await statuses(client, "all", 3) == [200, 200, 429]
+            assert limiter.redis_down
+            refused = await client.get("/users", headers=bearer("all"))
+            assert refused.headers["RateLimit"].startswith('"read";r=0;t=')
+            assert int(refused.headers["Retry-After"]) >= 1
+
+            server.start()  # the same port
+            await wait_until(lambda: not limiter.redis_down)
+            # Shared again: a fresh key gets the whole limit, not the local share.
+            assert await statuses(client, "rw", 5) == [200] * 4 + [429]
+            # What was admitted during the outage was added to Redis's counts.
+            check = aioredis.Redis.from_url(server.url)
+            try:
+                keys = [k async for k in check.scan_iter(match="*rl:read:key:all:*")]
+                counted = [await check.hget(k, "u") for k in keys if not k.endswith(b":wait")]
+            finally:
+                await check.aclose()
+            assert counted == [b"2"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "service.pipeline.ratelimit"]
+    assert sum("Redis unavailable" in m for m in messages) == 1
+    assert sum("Redis answers again" in m for m in messages) == 1
+
+
+async def test_a_hung_redis_counts_as_down_after_its_socket_timeout(settings: Settings) -> None:
+    with private_redis() as server:
+        app = create_app(
+            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_timeout=0.2)
+        )
+        limiter = limiter_of(app)
+        async with app.test_app() as test_app:
+            client = test_app.test_client()
+            assert await statuses(client, "reader", 1) == [200]
+            server.freeze()
+            try:
+                started = time.monotonic()
+                # A new key waits for a sync that times out, a PING confirms: the local share.
+                assert await statuses(client, "all", 3) == [200, 200, 429]
+                assert limiter.redis_down
+                assert time.monotonic() - started < 2
+            finally:
+                server.thaw()
+            await wait_until(lambda: not limiter.redis_down)
+
+
+async def test_a_held_event_loop_does_not_count_as_redis_down(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="service.pipeline.ratelimit")
+    with private_redis() as server:
+        app = create_app(
+            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_timeout=0.2)
+        )
+        limiter = limiter_of(app)
+        async with app.test_app():
+            await limiter.hit("read", "key:warm")  # connection open, script loaded
+            server.freeze()
+            request = asyncio.create_task(limiter.hit("read", "key:held"))
+            await asyncio.sleep(0.05)  # the sync is sent and waits on the frozen server
+            server.thaw()
+            # The loop is held past the socket timeout while Redis answers: the timeout fires
+            # late, and the delay is this process's, not Redis's.
+            time.sleep(0.5)  # noqa: ASYNC251 -- holding the loop is the point
+            verdict = await request
+            assert verdict.allowed
+            assert not limiter.redis_down
+            # Counted in Redis, not in the local bucket.
+            assert limiter.syncs > 0
+            assert (await limiter.hit("read", "key:held")).remaining == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "service.pipeline.ratelimit"]
+    assert any("delayed by this process" in m for m in messages)  # the timeout did fire
+    assert not [m for m in messages if "Redis unavailable" in m]
