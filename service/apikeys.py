@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCOPES = ("read", "write", "admin")
 KEY_PREFIX = "qsk_"
@@ -24,7 +24,7 @@ class ApiKey:
     """One configured key: a name (for logs and rate limits), its SHA-256 digest, its scopes."""
 
     name: str
-    digest: bytes
+    digest: bytes = field(repr=False)
     scopes: frozenset[str]
 
 
@@ -41,6 +41,14 @@ def generate_key() -> str:
 def key_entry(name: str, key: str, scopes: tuple[str, ...]) -> str:
     """The ``API_KEYS`` entry for ``key``: ``name:sha256hex:scope+scope``."""
     return f"{name}:{hash_key(key)}:{'+'.join(scopes)}"
+
+
+def format_api_keys(keys: tuple[ApiKey, ...]) -> str:
+    """The ``API_KEYS`` text of parsed keys: the inverse of :func:`parse_api_keys`."""
+    return ",".join(
+        f"{key.name}:{key.digest.hex()}:{'+'.join(s for s in SCOPES if s in key.scopes)}"
+        for key in keys
+    )
 
 
 def parse_api_keys(value: str) -> tuple[ApiKey, ...]:

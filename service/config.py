@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.apikeys import parse_api_keys
+from service.apikeys import ApiKey, format_api_keys, parse_api_keys
 
 _DEVELOPMENT_TASK_ID_SECRET = "development-only-task-id-secret"  # noqa: S105 (refused in production)
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+
+
+def _api_keys(value: object) -> tuple[ApiKey, ...]:
+    if isinstance(value, str):
+        return parse_api_keys(value)
+    if isinstance(value, tuple | list) and all(isinstance(key, ApiKey) for key in value):
+        return tuple(value)
+    raise ValueError("must be comma-separated name:sha256hex:scope+scope entries")
+
+
+# Read as text (`name:sha256hex:scope+scope,...`), held parsed; dumped back as the same text.
+ApiKeys = Annotated[
+    tuple[ApiKey, ...],
+    NoDecode,
+    PlainValidator(_api_keys),
+    PlainSerializer(format_api_keys, return_type=str),
+]
 
 
 class ConfigError(SystemExit):
@@ -112,8 +137,8 @@ class Settings(BaseSettings):
     # service/pipeline/ratelimit.py) ---
     # Comma-separated `name:sha256hex:scope+scope` (scopes: read, write, admin); the hash is
     # the SHA-256 of the key. `python -m service keygen` prints a key and its entry. Required
-    # in production; in development an empty value leaves the service open.
-    api_keys: str = ""
+    # in production; in development an empty value leaves the service open. Parsed once, here.
+    api_keys: ApiKeys = ()
     # /docs and /openapi.json: unset means on in development, off in production.
     docs_enabled: bool | None = None
     # When on, the docs need no key; otherwise they need the admin scope.
@@ -191,12 +216,6 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
-    @field_validator("api_keys")
-    @classmethod
-    def _api_keys_format(cls, value: str) -> str:
-        parse_api_keys(value)
-        return value
-
     @field_validator("cors_allow_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
@@ -227,7 +246,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _closed_in_production(self) -> Self:
-        if self.environment == "production" and not parse_api_keys(self.api_keys):
+        if self.environment == "production" and not self.api_keys:
             raise ValueError(
                 "API_KEYS must hold at least one key when ENVIRONMENT=production "
                 "(make one with `python -m service keygen`)"

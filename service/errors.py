@@ -12,10 +12,12 @@ from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
-from quart import Quart, Response, g
+from quart import Quart, Response
 from quart_schema import RequestSchemaValidationError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
+
+from service.obs.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def problem(
         "status": status,
         "detail": detail,
     }
-    request_id = g.get("request_id") if g else None
+    request_id = request_id_var.get()
     if request_id:
         body["request_id"] = request_id
     body.update(extra)
@@ -129,7 +131,7 @@ def register_error_handlers(app: Quart) -> None:
     async def _unexpected(error: Exception) -> Response:
         log.error(
             "unhandled error in request %s",
-            g.get("request_id", "-"),
+            request_id_var.get() or "-",
             exc_info=(type(error), error, error.__traceback__),
         )
         return problem(500, "An unexpected error occurred; quote the request id when reporting it.")

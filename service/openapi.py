@@ -12,13 +12,14 @@ something unexpected.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel
+from quart import Quart
 from quart_schema.openapi import OpenAPIProvider
 
-from service.apikeys import parse_api_keys
-from service.config import Settings
+from service.backends.resources import resources
+from service.contract import BODY_METHODS, PROBE_PATHS
 from service.errors import PROBLEM_JSON
 
 
@@ -27,10 +28,6 @@ class LocationHeader(BaseModel):
 
     location: str
 
-
-# The probes: no key, no rate limit, nothing to validate (see service/pipeline/auth.py OPEN_PATHS).
-_PROBES = frozenset({"/healthz", "/readyz"})
-_BODY_METHODS = frozenset({"post", "put", "patch"})
 
 # Statuses a particular operation answers beyond the common ones, and why.
 SPECIFIC_PROBLEMS: Mapping[tuple[str, str], tuple[int, ...]] = {
@@ -103,7 +100,7 @@ _HEADERS: Mapping[int, dict[str, Any]] = {
 
 def problem_statuses(method: str, path: str, operation: Mapping[str, Any]) -> list[int]:
     """The problem statuses an operation can answer, from what it is."""
-    if path in _PROBES:
+    if path in PROBE_PATHS:
         return []
     statuses = {401, 403, 429, 503}
     parameters: Iterable[Mapping[str, Any]] = operation.get("parameters", [])
@@ -112,7 +109,7 @@ def problem_statuses(method: str, path: str, operation: Mapping[str, Any]) -> li
         statuses.add(404)
     if places & {"query", "header"}:
         statuses.add(422)
-    if method in _BODY_METHODS:
+    if method.upper() in BODY_METHODS:
         statuses |= {400, 413, 415, 422}
     statuses.update(SPECIFIC_PROBLEMS.get((method, path), ()))
     return sorted(statuses)
@@ -178,7 +175,7 @@ def _apply_security(document: dict[str, Any]) -> None:
         }
     }
     document["security"] = [{SECURITY_SCHEME: []}]
-    for path in _PROBES:
+    for path in sorted(PROBE_PATHS):
         for operation in document["paths"].get(path, {}).values():
             operation["security"] = []
 
@@ -188,9 +185,9 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
 
     def schema(self) -> dict[str, Any]:
         document = super().schema()
-        settings: Settings = self._app.extensions["settings"]
+        settings = resources(cast(Quart, self._app)).settings
         _apply_task_limit(document, settings.task_max_n)
-        if parse_api_keys(settings.api_keys):
+        if settings.api_keys:
             _apply_security(document)
         document["components"]["schemas"]["Problem"] = PROBLEM_SCHEMA
         for path, operations in document["paths"].items():

@@ -9,6 +9,7 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from pebble import ProcessPool
 
+from service.backends.queue_contract import JOB_NAME
 from service.obs import tracing
 from service.obs.loopwatch import activity
 from service.obs.metrics import JOB_DURATION, JOBS, WORKER_POOL_BUSY
@@ -55,7 +56,7 @@ async def _heavy_task(ctx: dict[str, Any], n: int) -> int:
     outcome = "failed"
     WORKER_POOL_BUSY.inc()
     try:
-        with activity(f"job heavy_task {ctx.get('job_id', '?')}"):
+        with activity(f"job {JOB_NAME} {ctx.get('job_id', '?')}"):
             future = pool.schedule(sum_of_squares, args=(n,), timeout=timeout)
             try:
                 result: int = await asyncio.wrap_future(future)

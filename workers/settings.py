@@ -120,7 +120,7 @@ def arq_redis(settings: Settings) -> ArqRedis:
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Everything ``arq.worker.Worker`` takes, derived from the settings."""
     return {
-        "functions": [func(heavy_task, name="heavy_task", max_tries=settings.task_max_tries)],
+        "functions": [func(heavy_task, name=queue.JOB_NAME, max_tries=settings.task_max_tries)],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "redis_pool": arq_redis(settings),
         "queue_name": queue.queue_name(settings),

@@ -1,4 +1,5 @@
-"""What the API and the worker share about the queue: its name, its keys, its serializer."""
+"""What the API and the worker share about the queue: its name, its keys, the job's name, and
+the serializer."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from arq.constants import (
 from service.config import Settings
 
 __all__ = [
+    "JOB_NAME",
     "abort_jobs_ss",
     "done_channel",
     "dumps",
@@ -28,6 +30,10 @@ __all__ = [
     "result_key_prefix",
     "retry_key_prefix",
 ]
+
+
+# The one job the API enqueues and the worker runs (workers/jobs.py).
+JOB_NAME = "heavy_task"
 
 
 def queue_name(settings: Settings) -> str:

@@ -1,4 +1,10 @@
-"""The running app's resources (opened by the serving hooks in ``app.py``), for handlers."""
+"""The running app's resources in one typed object, and the pair of serving hooks that open
+and close it.
+
+:class:`Resources` holds the settings from the start, and while the app serves the asyncpg
+pool, the Redis client, the task queue and the report cache. Handlers reach it through
+:func:`resources`, and a database connection through :func:`connection`.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +13,107 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import asyncpg
 import redis.asyncio as aioredis
-from quart import current_app
+from quart import Quart, current_app
 
+from service.backends import db
+from service.backends.cache import Cache
+from service.backends.redis import create_redis
+from service.backends.taskqueue import TaskQueue
 from service.config import Settings
 from service.errors import APIError
 
 log = logging.getLogger(__name__)
 
-
-def settings() -> Settings:
-    """The running app's settings."""
-    value: Settings = current_app.extensions["settings"]
-    return value
+# Where the app keeps its Resources; read only through resources() below.
+_EXTENSION = "service.resources"
 
 
-def redis_client() -> aioredis.Redis:
-    """The running app's Redis client."""
-    value: aioredis.Redis = current_app.extensions["redis"]
-    return value
+@dataclass(frozen=True)
+class _Opened:
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    task_queue: TaskQueue
+    report_cache: Cache
+
+
+class NotServing(RuntimeError):
+    """A resource was asked for while the app is not serving (its serving hooks have not run)."""
+
+
+class Resources:
+    """The settings, and while serving the pool, Redis, the task queue and the report cache."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._opened: _Opened | None = None
+
+    @property
+    def serving(self) -> bool:
+        """Whether the resources are open (between the app's serving hooks)."""
+        return self._opened is not None
+
+    def _open(self) -> _Opened:
+        if self._opened is None:
+            raise NotServing("the app's resources are open only while it serves")
+        return self._opened
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The asyncpg pool; handlers take connections through :func:`connection`."""
+        return self._open().pool
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client."""
+        return self._open().redis
+
+    @property
+    def task_queue(self) -> TaskQueue:
+        """The API's side of the arq queue."""
+        return self._open().task_queue
+
+    @property
+    def report_cache(self) -> Cache:
+        """The cache of the report (``/expensive-operation``)."""
+        return self._open().report_cache
+
+    async def open(self) -> None:
+        """Open the pool (which fails the start when PostgreSQL refuses) and the rest."""
+        pool = await db.create_pool(self.settings)
+        redis_client = create_redis(self.settings)
+        task_queue = TaskQueue(redis_client, self.settings)
+        task_queue.start()
+        report_cache = Cache.from_settings(redis_client, self.settings)
+        self._opened = _Opened(pool, redis_client, task_queue, report_cache)
+
+    async def close(self) -> None:
+        """Close what :meth:`open` opened, users of Redis before Redis, and the pool last."""
+        opened, self._opened = self._opened, None
+        if opened is None:
+            return
+        await opened.report_cache.aclose()
+        await opened.task_queue.stop()
+        await opened.redis.aclose()
+        await opened.pool.close()
+
+
+def install(app: Quart, settings: Settings) -> Resources:
+    """Give ``app`` its resources and the serving hooks that open and close them."""
+    held = Resources(settings)
+    app.extensions[_EXTENSION] = held
+    app.before_serving(held.open)
+    app.after_serving(held.close)
+    return held
+
+
+def resources(app: Quart | None = None) -> Resources:
+    """The resources of ``app``, by default of the app serving the current request."""
+    held: Resources = (app or current_app).extensions[_EXTENSION]
+    return held
 
 
 # Errors that mean "PostgreSQL is not there right now", not "this request is wrong": the
@@ -55,9 +141,11 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
     An exhausted pool, a PostgreSQL that does not answer, or a connection lost mid-query
     becomes a 503 with Retry-After rather than a request that hangs or a 500.
     """
-    pool: asyncpg.Pool = current_app.extensions["db_pool"]
+    held = resources()
+    pool = held.pool
+    within = held.settings.db_acquire_timeout
     try:
-        conn = await pool.acquire(timeout=settings().db_acquire_timeout)
+        conn = await pool.acquire(timeout=within)
     except DB_UNAVAILABLE as error:
         raise _database_unavailable(error) from error
     try:
@@ -84,7 +172,7 @@ async def connection() -> AsyncIterator[asyncpg.Connection]:
             conn.terminate()
         raise _database_unavailable(error) from error
     finally:
-        await _release(pool, conn, settings().db_acquire_timeout)
+        await _release(pool, conn, within)
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:

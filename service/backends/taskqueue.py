@@ -28,8 +28,6 @@ from service.obs import tracing
 
 log = logging.getLogger(__name__)
 
-FUNCTION = "heavy_task"
-
 # KEYS: job, result, queue, owner, the client's outstanding set.
 # ARGV: queue limit, payload, job expiry ms, score (enqueue time), id, owner, client limit,
 # owner ttl ms. The client's set holds its tasks still in the queue (arq keeps a job there
@@ -197,7 +195,7 @@ class TaskQueue:
         now_ms = int(time.time() * 1000)
         # The trace context rides in the job's kwargs, so the worker's span joins this trace.
         kwargs = tracing.job_kwargs()
-        payload = serialize_job(FUNCTION, (n,), kwargs, None, now_ms, serializer=queue.dumps)
+        payload = serialize_job(queue.JOB_NAME, (n,), kwargs, None, now_ms, serializer=queue.dumps)
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
@@ -335,7 +333,7 @@ class TaskQueue:
         if task.status == "queued":
             now_ms = int(time.time() * 1000)
             failed = serialize_result(
-                FUNCTION,
+                queue.JOB_NAME,
                 (task.n,),
                 {},
                 task.tries or 1,
@@ -344,7 +342,7 @@ class TaskQueue:
                 asyncio.CancelledError(),
                 now_ms,
                 now_ms,
-                f"{task.id}:{FUNCTION}",
+                f"{task.id}:{queue.JOB_NAME}",
                 self.queue_name,
                 task.id,
                 serializer=queue.dumps,

@@ -1,10 +1,11 @@
 """JSON log lines, each carrying the id of the request it belongs to.
 
-The request id lives in a context variable set when a request starts (``observe.py``); a
-logging filter copies it onto every record, so any line logged while serving that request,
-from any module, names it. Hypercorn's access and error logs use the same formatter through
-``logconfig_dict`` in ``hypercorn.toml`` (its access records carry the response's
-``X-Request-ID`` header, which the app echoes).
+The request id lives in a context variable set by one of the request pipeline's first steps
+(``service/pipeline/request_id.py``), before any step that may log; a logging filter copies it
+onto every record, so any line logged while serving that request, from any module, names it.
+Hypercorn's access and error logs use the same formatter through ``logconfig_dict`` in
+``hypercorn.toml`` (its access records carry the response's ``X-Request-ID`` header, which the
+app echoes).
 """
 
 from __future__ import annotations

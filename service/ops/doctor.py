@@ -36,6 +36,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.backends import checks as readiness
+from service.backends import queue_contract as queue
 from service.backends.db import SQL_DIR, connection_options, load_queries
 from service.config import Settings
 
@@ -234,15 +236,12 @@ async def check_connections(conn: asyncpg.Connection, samples: Samples) -> Check
 
 
 async def check_redis(settings: Settings, samples: Samples, ready: dict[str, Any]) -> Check:
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        await client.ping()
+        await readiness.redis_at(settings, within=2)
     except Exception as error:
         return Check(
             "redis", "fail", f"Redis at REDIS_URL does not answer ({type(error).__name__})"
         )
-    finally:
-        await client.aclose()
     service_view = ready.get("checks", {}).get("redis", "unknown")
     if service_view != "ok":
         return Check("redis", "fail", f"the service cannot reach Redis: {service_view}")
@@ -269,8 +268,6 @@ STALE_TASK_AGE = 300.0
 
 
 async def check_worker(settings: Settings) -> Check:
-    from service.backends import queue_contract as queue
-
     client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
         alive = bool(await client.exists(queue.health_check_key(settings)))

@@ -10,7 +10,9 @@ import os
 import sys
 import urllib.request
 
-DEFAULT_URL = "http://127.0.0.1:8000/healthz"
+from service.contract import LIVENESS_PATH
+
+DEFAULT_URL = f"http://127.0.0.1:8000{LIVENESS_PATH}"
 
 
 def main() -> int:

@@ -24,10 +24,8 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-import asyncpg
-import redis.asyncio as aioredis
-
-from service.backends.db import connection_options, migrate_database
+from service.backends import checks as readiness
+from service.backends.db import migrate_database
 from service.config import Settings
 from service.obs.logs import configure_logging
 
@@ -51,32 +49,6 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-async def _check_postgres(settings: Settings) -> None:
-    async with asyncio.timeout(settings.db_connect_timeout + 1):
-        conn = await asyncpg.connect(
-            settings.database_url,
-            timeout=settings.db_connect_timeout,
-            **connection_options(settings),
-        )
-        try:
-            await conn.fetchval("SELECT 1")
-        finally:
-            await conn.close()
-
-
-async def _check_redis(settings: Settings) -> None:
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_connect_timeout,
-    )
-    try:
-        async with asyncio.timeout(settings.redis_connect_timeout + settings.redis_socket_timeout):
-            await client.ping()
-    finally:
-        await client.aclose()
-
-
 DEPENDENCIES = ("postgres", "redis")
 
 
@@ -96,9 +68,11 @@ async def check_dependencies(
 
     checks = []
     if "postgres" in needs:
-        checks.append(attempt(_check_postgres, "DATABASE_URL", "PostgreSQL", settings.database_url))
+        checks.append(
+            attempt(readiness.postgres_at, "DATABASE_URL", "PostgreSQL", settings.database_url)
+        )
     if "redis" in needs:
-        checks.append(attempt(_check_redis, "REDIS_URL", "Redis", settings.redis_url))
+        checks.append(attempt(readiness.redis_at, "REDIS_URL", "Redis", settings.redis_url))
     outcomes = await asyncio.gather(*checks)
     return [outcome for outcome in outcomes if outcome]
 

@@ -1,10 +1,12 @@
-"""Who may call what: API keys with scopes, rate limits, CORS and response headers.
+"""Who may call what: API keys with scopes.
 
 The policy is decided from the request, not declared on each route, so a route added anywhere
-is covered the moment it exists: the method gives the scope (``read`` for GET and HEAD,
-``write`` for POST, PUT, PATCH and DELETE, ``admin`` for anything else), a few paths need
-``admin`` whatever the method (metrics, profiling, the docs when not public), and only the
-health checks are open. Install it with ``install(app, settings)`` from ``create_app``.
+is covered the moment it exists: the method gives the scope (``read`` for GET, HEAD and
+OPTIONS, ``write`` for POST, PUT, PATCH and DELETE, ``admin`` for anything else), a few paths
+need ``admin`` whatever the method (metrics, profiling, the docs when not public), and only the
+probes are open. Two steps of the pipeline (service/pipeline/__init__.py) apply it:
+:func:`identify` finds the scope and the key, and, after the rate limiter has counted the
+request, :func:`judge` refuses it when the key is missing, wrong, or lacks the scope.
 """
 
 from __future__ import annotations
@@ -14,39 +16,30 @@ import hmac
 import logging
 from collections.abc import Mapping
 
-from quart import Quart, Response, g, request
+from quart import request
 
-from service.apikeys import ApiKey, parse_api_keys
-from service.config import Settings, split_list
+from service.apikeys import ApiKey
+from service.config import Settings
+from service.contract import METHODS, PROBE_PATHS, READ_METHODS
 from service.errors import APIError
-from service.pipeline.ratelimit import RateLimiter
+from service.pipeline.state import RequestState, Setup
 
 log = logging.getLogger(__name__)
 
-# Probes of orchestrators and load balancers: never a key, never a rate limit.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 # Paths at or under these need the admin scope, whatever the method.
 ADMIN_PATH_PREFIXES = ("/metrics", "/debug", "/profile", "/profiling", "/admin")
 # Opt-in profiling (`X-Profile-Token`, pipeline/instrument.py) changes no scope here: a request
 # with a wrong token, or from a key without admin, is served as usual, so nothing reveals that
-# profiling exists; observe profiles only an admin key's request that carries the token.
+# profiling exists; only an admin key's request that carries the token is profiled.
 METHOD_SCOPES: Mapping[str, str] = {
-    "GET": "read",
-    "HEAD": "read",
-    "OPTIONS": "read",
-    "POST": "write",
-    "PUT": "write",
-    "PATCH": "write",
-    "DELETE": "write",
+    method: "read" if method in READ_METHODS else "write" for method in sorted(METHODS)
 }
 # Any method not in the table (TRACE, CONNECT, extensions) needs the strongest scope.
 OTHER_METHOD_SCOPE = "admin"
 # GET /heavy-task (the Flask route, kept as a GET) enqueues work like POST /tasks does.
 WRITE_PATHS = frozenset({"/heavy-task"})
 
-CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
-CORS_EXPOSED = ["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-ID"]
 REALM = 'Bearer realm="api"'
 
 
@@ -64,7 +57,7 @@ def required_scope(
 
     ``header_names`` are lower-case. This is the whole policy; a test walks every route with it.
     """
-    if path in OPEN_PATHS:
+    if path in PROBE_PATHS:
         return None
     if path in DOCS_PATHS or _at_or_under(path, "/docs"):
         return None if settings.docs_public else "admin"
@@ -102,101 +95,61 @@ def find_key(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | No
     return found
 
 
-def install(app: Quart, settings: Settings) -> None:
-    """Guard every request of ``app``: keys and scopes, rate limits, CORS, headers."""
-    keys = parse_api_keys(settings.api_keys)
-    enforced = bool(keys)
-    limiter = RateLimiter(settings) if settings.rate_limited else None
-    if limiter is not None:
-        app.extensions["rate_limiter"] = limiter
+async def warn_when_open(settings: Settings) -> None:
+    """A serving hook: say loudly that a service without keys is open to anyone.
 
-        @app.before_serving
-        async def _start_limiter() -> None:
-            await limiter.start()
+    At serving time, not in create_app: Hypercorn configures logging (JSON lines) after it has
+    loaded the app, and this line should look like every other.
+    """
+    if settings.api_keys:
+        return
+    log.warning(
+        "!!! NO API KEYS CONFIGURED: every route is OPEN to anyone who can reach this "
+        "service (ENVIRONMENT=%s). Set API_KEYS (`python -m service keygen`) before "
+        "exposing it; ENVIRONMENT=production refuses to start without them. !!!",
+        settings.environment,
+    )
 
-        @app.after_serving
-        async def _stop_limiter() -> None:
-            await limiter.stop()
 
-    if not enforced:
+async def identify(setup: Setup, state: RequestState) -> None:
+    """The scope the request needs and the key it carries (judged later, by :func:`judge`)."""
+    settings = setup.settings
+    path = request.path
+    if path in DOCS_PATHS and not settings.docs_served:
+        raise APIError(404, "The API description is not served here (DOCS_ENABLED).")
+    scope = required_scope(
+        request.method,
+        path,
+        frozenset(name.lower() for name in request.headers.keys()),  # noqa: SIM118
+        settings,
+    )
+    enforced = bool(settings.api_keys)
+    # Open paths are served without looking at a key: profiling them needs keys off too.
+    state.admin = not enforced
+    state.scope = scope
+    if scope is None:
+        return
+    key = find_key(request.headers.get("Authorization"), settings.api_keys)
+    state.key = key
+    state.admin = not enforced or (key is not None and "admin" in key.scopes)
 
-        @app.before_serving
-        async def _warn_open() -> None:
-            # At serving time, not in create_app: Hypercorn configures logging (JSON lines)
-            # after it has loaded the app, and this line should look like every other.
-            log.warning(
-                "!!! NO API KEYS CONFIGURED: every route is OPEN to anyone who can reach this "
-                "service (ENVIRONMENT=%s). Set API_KEYS (`python -m service keygen`) before "
-                "exposing it; ENVIRONMENT=production refuses to start without them. !!!",
-                settings.environment,
-            )
 
-    @app.before_request
-    async def _guard() -> None:
-        path = request.path
-        if path in DOCS_PATHS and not settings.docs_served:
-            raise APIError(404, "The API description is not served here (DOCS_ENABLED).")
-        scope = required_scope(
-            request.method,
-            path,
-            frozenset(name.lower() for name in request.headers.keys()),  # noqa: SIM118
-            settings,
-        )
-        # Open paths are served without looking at a key: profiling them needs keys off too.
-        g.api_key_admin = not enforced
-        if scope is None:
-            return
-        key = find_key(request.headers.get("Authorization"), keys)
-        g.api_key_name = key.name if key else None
-        g.api_key_admin = not enforced or (key is not None and "admin" in key.scopes)
-        if limiter is not None:
-            # Counted before the key is judged, so a flood of bad keys is limited too.
-            identity = f"key:{key.name}" if key else f"addr:{request.remote_addr or '-'}"
-            verdict = await limiter.hit(scope, identity)
-            g.rate_limit_headers = verdict.headers()
-            if not verdict.allowed:
-                raise APIError(
-                    429,
-                    f"Over the limit of {verdict.limit} {scope} requests per "
-                    f"{verdict.window} s; retry after {verdict.reset} s.",
-                    headers={"Retry-After": str(verdict.reset), **verdict.headers()},
-                )
-        if not enforced:
-            return
-        if key is None:
-            if not request.headers.get("Authorization"):
-                detail, challenge = "Send an API key as `Authorization: Bearer <key>`.", REALM
-            else:
-                detail, challenge = "The API key is not valid.", f'{REALM}, error="invalid_token"'
-            raise APIError(401, detail, headers={"WWW-Authenticate": challenge})
-        if scope not in key.scopes:
-            challenge = f'{REALM}, error="insufficient_scope", scope="{scope}"'
-            raise APIError(
-                403,
-                f"This API key lacks the {scope!r} scope this request needs.",
-                headers={"WWW-Authenticate": challenge},
-            )
-
-    @app.after_request
-    async def _exposure_headers(response: Response) -> Response:
-        # Responses carry users' data: no shared or browser cache may keep them, unless a
-        # route says otherwise.
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        for name, value in g.get("rate_limit_headers", {}).items():
-            response.headers.setdefault(name, value)
-        return response
-
-    origins = split_list(settings.cors_allow_origins)
-    if origins:
-        import quart_cors
-
-        quart_cors.cors(
-            app,
-            allow_origin=origins,
-            allow_headers=CORS_HEADERS,
-            allow_methods=sorted(METHOD_SCOPES),
-            expose_headers=CORS_EXPOSED,
-            allow_credentials=False,
-            max_age=600,
+async def judge(setup: Setup, state: RequestState) -> None:
+    """401 without a valid key, 403 for a key without the scope; nothing when keys are off."""
+    scope = state.scope
+    if scope is None or not setup.settings.api_keys:
+        return
+    key = state.key
+    if key is None:
+        if not request.headers.get("Authorization"):
+            detail, challenge = "Send an API key as `Authorization: Bearer <key>`.", REALM
+        else:
+            detail, challenge = "The API key is not valid.", f'{REALM}, error="invalid_token"'
+        raise APIError(401, detail, headers={"WWW-Authenticate": challenge})
+    if scope not in key.scopes:
+        challenge = f'{REALM}, error="insufficient_scope", scope="{scope}"'
+        raise APIError(
+            403,
+            f"This API key lacks the {scope!r} scope this request needs.",
+            headers={"WWW-Authenticate": challenge},
         )

@@ -1,4 +1,4 @@
-"""Graceful shutdown of multi-worker Hypercorn: in-flight requests finish on SIGTERM.
+"""The drain: on SIGTERM, multi-worker Hypercorn's workers finish their in-flight requests.
 
 Hypercorn 0.18 with ``workers >= 1`` runs a supervisor process and worker processes. On
 SIGTERM the supervisor sets a shared event; each worker polls it, stops accepting, and lets its
@@ -47,20 +47,29 @@ def _is_unguarded_hypercorn_worker() -> bool:
     )
 
 
-def install_graceful_drain(app: Quart) -> None:
+class Drain:
+    """This worker's drain: whether SIGTERM has come, and the handler that notes it."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def note_sigterm(self) -> None:
+        # Only note it. The drain itself is Hypercorn's, started by its supervisor's event.
+        # Deliberately no kill(supervisor): the supervisor's handler takes a lock around its
+        # shared event, and a second signal landing while it holds it deadlocks it.
+        if not self.draining:
+            self.draining = True
+            log.info("SIGTERM: finishing in-flight requests (graceful_timeout bounds it)")
+
+    async def survive_sigterm(self) -> None:
+        """A serving hook: in a Hypercorn worker left unguarded, SIGTERM starts the drain
+        instead of killing the worker."""
+        if _is_unguarded_hypercorn_worker():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.note_sigterm)
+
+
+def install(app: Quart) -> Drain:
     """Register the serving hook that makes this worker survive SIGTERM while it drains."""
-
-    @app.before_serving
-    async def _drain_on_sigterm() -> None:
-        if not _is_unguarded_hypercorn_worker():
-            return
-
-        def _on_sigterm() -> None:
-            # Only note it. The drain itself is Hypercorn's, started by its supervisor's event.
-            # Deliberately no kill(supervisor): the supervisor's handler takes a lock around
-            # its shared event, and a second signal landing while it holds it deadlocks it.
-            if not app.extensions.get("draining"):
-                app.extensions["draining"] = True
-                log.info("SIGTERM: finishing in-flight requests (graceful_timeout bounds it)")
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _on_sigterm)
+    drain = Drain()
+    app.before_serving(drain.survive_sigterm)
+    return drain

@@ -1,56 +1,62 @@
-"""The request header limit (``MAX_HEADER_BYTES``), enforced the same over HTTP/1.1 and HTTP/2.
-
-Hypercorn's own settings do not enforce it: ``h11_max_incomplete_size`` only bounds a head
-that arrives in pieces (Hypercorn reads 64 KiB at a time, so a larger head in one read passes),
-and ``h2_max_header_list_size`` is only advertised to the client, never checked. So the app
-counts what it is given, before Quart builds a request: the request target plus every header
-name and value. Over the limit the answer is ``431`` problem+json.
-"""
+"""Response headers every answer gets: CORS (when origins are configured) and exposure rules."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import cast
 
-ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+import quart_cors
+from quart import Blueprint, Response
 
-PROBLEM_JSON = b"application/problem+json"
+from service.config import Settings, split_list
+from service.contract import METHODS
+from service.pipeline.state import RequestState, Setup
+
+CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
+CORS_EXPOSED = ["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-ID"]
+
+CorsFunction = Callable[[Response], Awaitable[Response]]
 
 
-def header_bytes(scope: dict[str, Any]) -> int:
-    """The request target plus all header names and values, in bytes."""
-    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-    for name, value in scope["headers"]:
-        size += len(name) + len(value)
-    return size
+def cors_policy(settings: Settings) -> CorsFunction | None:
+    """quart-cors's response function for ``CORS_ALLOW_ORIGINS``; None when none is set.
+
+    quart-cors offers its policy only as an ``after_request`` function it registers on what it
+    is given. It is given a blueprint that is never registered, and the function is taken from
+    it, so the CORS step runs at its place in the pipeline rather than wherever Quart's reverse
+    order of ``after_request`` functions would put it.
+    """
+    origins = split_list(settings.cors_allow_origins)
+    if not origins:
+        return None
+    holder = Blueprint("cors_policy", __name__)
+    quart_cors.cors(
+        holder,
+        allow_origin=origins,
+        allow_headers=CORS_HEADERS,
+        allow_methods=sorted(METHODS),
+        expose_headers=CORS_EXPOSED,
+        allow_credentials=False,
+        max_age=600,
+    )
+    (function,) = holder.after_request_funcs[None]
+    return cast(CorsFunction, function)
 
 
-def limit_headers(app: ASGIApp, max_bytes: int) -> ASGIApp:
-    """``app`` refusing HTTP requests whose headers are over ``max_bytes`` with a 431."""
-    body = json.dumps(
-        {
-            "type": "about:blank",
-            "title": "Request Header Fields Too Large",
-            "status": 431,
-            "detail": f"The request target and headers are over the limit of {max_bytes} bytes.",
-        }
-    ).encode()
+async def cors(setup: Setup, state: RequestState, response: Response) -> Response:
+    """The CORS headers, for an allowed origin."""
+    if setup.cors is None:
+        return response
+    return await setup.cors(response)
 
-    async def limited(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or header_bytes(scope) <= max_bytes:
-            await app(scope, receive, send)
-            return
-        headers = [
-            (b"content-type", PROBLEM_JSON),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-            (b"x-content-type-options", b"nosniff"),
-        ]
-        if scope.get("http_version", "1.1").startswith("1"):
-            # The body, if any, is not read: the connection cannot be reused.
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 431, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    return limited
+async def exposure(setup: Setup, state: RequestState, response: Response) -> Response:
+    """No cache may keep an answer unless its route says so; no sniffing; the rate limit."""
+    # Responses carry users' data: no shared or browser cache may keep them, unless a route
+    # says otherwise.
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if state.rate_limit_headers:
+        for name, value in state.rate_limit_headers.items():
+            response.headers.setdefault(name, value)
+    return response

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel
-from quart import Blueprint, current_app
+from quart import Blueprint
 from quart_schema import document_response
 
-from service.backends.resources import redis_client, settings
+from service.backends import checks as readiness
+from service.backends.resources import Resources, resources
+from service.contract import LIVENESS_PATH, READINESS_PATH
 
 log = logging.getLogger(__name__)
 
@@ -26,29 +30,20 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
-async def _check_postgres() -> str:
-    pool = current_app.extensions["db_pool"]
-    async with asyncio.timeout(settings().readiness_timeout):
-        await pool.fetchval("SELECT 1")
-    return "ok"
-
-
-async def _check_redis() -> str:
-    async with asyncio.timeout(settings().readiness_timeout):
-        await redis_client().ping()
-    return "ok"
-
-
-async def _outcome(check: Any) -> str:
+async def _outcome(check: Awaitable[None]) -> str:
     try:
-        result: str = await check()
+        await check
     except Exception as error:  # a probe reports any failure, it never raises
-        return f"unavailable ({type(error).__name__})"
-    return result
+        return readiness.unavailable(error)
+    return "ok"
 
 
-async def _checks() -> dict[str, str]:
-    postgres, redis_state = await asyncio.gather(_outcome(_check_postgres), _outcome(_check_redis))
+async def _checks(held: Resources) -> dict[str, str]:
+    timeout = held.settings.readiness_timeout
+    postgres, redis_state = await asyncio.gather(
+        _outcome(readiness.postgres_answers(held.pool, timeout)),
+        _outcome(readiness.redis_answers(held.redis, timeout)),
+    )
     return {"postgres": postgres, "redis": redis_state}
 
 
@@ -59,8 +54,9 @@ class SharedCheck:
     concurrent probes await the same check, and probes within ``ttl`` of it get its result.
     """
 
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
+    def __init__(self, held: Resources) -> None:
+        self.held = held
+        self.ttl = held.settings.readiness_cache
         self.runs = 0  # checks actually run, for tests
         self._running: asyncio.Task[dict[str, str]] | None = None
         self._result: dict[str, str] | None = None
@@ -72,7 +68,7 @@ class SharedCheck:
             return self._result
         if self._running is None:
             self.runs += 1
-            self._running = asyncio.create_task(_checks())
+            self._running = asyncio.create_task(_checks(self.held))
             self._running.add_done_callback(self._done)
         # Shielded: a probe that goes away does not cancel the others' check.
         return await asyncio.shield(self._running)
@@ -84,14 +80,26 @@ class SharedCheck:
             self._at = asyncio.get_running_loop().time()
 
 
-@blueprint.get("/healthz")
+# One shared check per app (per process in production), kept as long as its resources.
+_shared: weakref.WeakKeyDictionary[Resources, SharedCheck] = weakref.WeakKeyDictionary()
+
+
+def shared_check(held: Resources) -> SharedCheck:
+    """The app's shared readiness check."""
+    found = _shared.get(held)
+    if found is None:
+        found = _shared[held] = SharedCheck(held)
+    return found
+
+
+@blueprint.get(LIVENESS_PATH)
 @document_response(Liveness)
 async def healthz() -> dict[str, str]:
     """The process is alive and its event loop answers."""
     return {"status": "ok"}
 
 
-@blueprint.get("/readyz")
+@blueprint.get(READINESS_PATH)
 @document_response(Readiness, 200)
 @document_response(Readiness, 503)
 async def readyz() -> tuple[dict[str, Any], int]:
@@ -103,10 +111,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
     `degraded` but keeps it ready: the report is then computed without the cache and only task
     submission is refused.
     """
-    shared: SharedCheck | None = current_app.extensions.get("readiness")
-    if shared is None:
-        shared = current_app.extensions["readiness"] = SharedCheck(settings().readiness_cache)
-    checks = await shared.result()
+    checks = await shared_check(resources()).result()
     if checks["postgres"] != "ok":
         return {"status": "unavailable", "checks": checks}, 503
     return {"status": "ok" if checks["redis"] == "ok" else "degraded", "checks": checks}, 200

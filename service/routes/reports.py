@@ -7,12 +7,11 @@ from typing import Any
 
 import asyncpg
 from pydantic import BaseModel
-from quart import Blueprint, current_app
+from quart import Blueprint
 from quart_schema import document_response
 
-from service.backends.cache import Cache
 from service.backends.db import load_queries
-from service.backends.resources import connection, redis_client, settings
+from service.backends.resources import connection, resources
 from service.errors import APIError
 
 blueprint = Blueprint("reports", __name__)
@@ -64,25 +63,8 @@ async def compute_report(conn: asyncpg.Connection, *, top: int, days: int) -> di
     }
 
 
-def report_cache() -> Cache:
-    """The app's cache, made on first use (after the serving hooks opened Redis)."""
-    cache: Cache | None = current_app.extensions.get("cache")
-    if cache is None:
-        cache = Cache.from_settings(redis_client(), settings())
-        current_app.extensions["cache"] = cache
-    return cache
-
-
-@blueprint.after_app_serving
-async def _close_cache() -> None:
-    # Registered with the blueprint, so it runs before the app's own hook closes Redis.
-    cache: Cache | None = current_app.extensions.pop("cache", None)
-    if cache is not None:
-        await cache.aclose()
-
-
 async def _load_report() -> dict[str, Any]:
-    config = settings()
+    config = resources().settings
     async with connection() as conn:
         try:
             return await compute_report(
@@ -105,7 +87,7 @@ async def expensive_operation() -> tuple[dict[str, Any], int, dict[str, str]]:
     expiry however many clients ask at once; the `Cache-Status` header (RFC 9211) says whether
     this answer was a `hit`, a miss computed and `stored`, a miss `collapsed` into another
     request's computation, or computed with the cache bypassed because Redis is unavailable."""
-    outcome = await report_cache().get_or_load(
+    outcome = await resources().report_cache.get_or_load(
         REPORT_CACHE_KEY, _load_report, version=REPORT_VERSION
     )
     return {"result": outcome.value}, 200, {"Cache-Status": outcome.cache_status(CACHE_NAME)}

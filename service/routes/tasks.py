@@ -9,10 +9,10 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint, current_app, g, request
+from quart import Blueprint, request
 from quart_schema import document_headers, document_response, validate_request
 
-from service.backends.resources import settings
+from service.backends.resources import resources
 from service.backends.taskqueue import (
     ClientLimit,
     IdempotencyConflict,
@@ -24,6 +24,7 @@ from service.backends.taskqueue import (
 from service.errors import APIError, invalid
 from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
 from service.openapi import LocationHeader
+from service.pipeline.state import request_state
 from service.routes.querystring import validate_query
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,11 @@ class SubmitHeaders(BaseModel):
 
 
 def task_queue() -> TaskQueue:
-    value: TaskQueue = current_app.extensions["task_queue"]
-    return value
+    return resources().task_queue
 
 
 def _check_n(n: int) -> None:
-    limit = settings().task_max_n
+    limit = resources().settings.task_max_n
     if n > limit:
         raise invalid(
             f"n may be at most {limit}.", ["n"], f"must be at most {limit}", "less_than_equal"
@@ -107,23 +107,25 @@ def _idempotency_key() -> str | None:
 
 def _owner() -> str:
     """Who the caller is, for ownership: its API key's name ("" when keys are off)."""
-    return g.get("api_key_name") or ""
+    key = request_state().key
+    return key.name if key is not None else ""
 
 
 def _client() -> str:
     """Who the caller is, for the per-client task limit: its key, else its address."""
-    name = g.get("api_key_name")
+    name = _owner()
     return f"key:{name}" if name else f"addr:{request.remote_addr or '-'}"
 
 
 async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
-    retry_after = {"Retry-After": str(settings().task_retry_after)}
+    config = resources().settings
+    retry_after = {"Retry-After": str(config.task_retry_after)}
     try:
         # Idempotency-Keys are the client's own: scoped to its API key (none when open).
         task, created = await task_queue().submit(n, idempotency_key, _owner(), _client())
     except ClientLimit:
         TASKS_REFUSED.labels("client_limit").inc()
-        limit = settings().task_client_limit
+        limit = resources().settings.task_client_limit
         raise APIError(
             429,
             f"This client already has {limit} outstanding tasks (TASK_CLIENT_LIMIT); "
@@ -134,7 +136,7 @@ async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, boo
         TASKS_REFUSED.labels("full").inc()
         raise APIError(
             503,
-            f"The task queue is full ({settings().task_queue_limit} outstanding); retry later.",
+            f"The task queue is full ({config.task_queue_limit} outstanding); retry later.",
             headers=retry_after,
         ) from None
     except QueueUnavailable:
@@ -160,7 +162,7 @@ def _location(task: Task) -> dict[str, str]:
 def _visible(task: Task) -> bool:
     # A task is its creator's; an admin key sees every task. Others are told it does not
     # exist, so ids reveal nothing. With keys off everyone is the same (empty) owner.
-    return bool(g.get("api_key_admin", False)) or (task.owner or "") == _owner()
+    return request_state().admin or (task.owner or "") == _owner()
 
 
 async def _find(task_id: str) -> Task:
@@ -221,11 +223,11 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
         )
     n = query_args.n
     if "n" not in query_args.model_fields_set:
-        n = min(n, settings().task_max_n)
+        n = min(n, resources().settings.task_max_n)
     _check_n(n)
     task, _created = await _submit(n)
     try:
-        finished = await task_queue().wait(task.id, settings().task_wait)
+        finished = await task_queue().wait(task.id, resources().settings.task_wait)
     except asyncio.CancelledError:
         # The client went away while waiting: nobody will read this result, unless someone
         # asked for the task by id meanwhile. Aborted off the cancelled request.
@@ -235,7 +237,7 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
         raise APIError(
             503,
             "The task's result expired before it was read.",
-            headers={"Retry-After": str(settings().task_retry_after)},
+            headers={"Retry-After": str(resources().settings.task_retry_after)},
         )
     if finished.status == "complete":
         return {"result": finished.result}

@@ -8,6 +8,7 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
+from service.backends.resources import resources
 from service.config import ConfigError, Settings, load_settings
 from service.errors import PROBLEM_JSON
 from tools.private_servers import free_port
@@ -29,7 +30,7 @@ async def test_concurrent_readyz_probes_share_one_check_for_a_while(settings: Se
     async with app.test_app() as test_app:
         client = test_app.test_client()
         queries: list[str] = []
-        async with app.extensions["db_pool"].acquire() as conn:
+        async with resources(app).pool.acquire() as conn:
             # The pool's only connection: every probe's SELECT 1 is logged here.
             conn.add_query_logger(lambda record: queries.append(record.query))
         probes = await asyncio.gather(*(client.get("/readyz") for _ in range(50)))

@@ -8,7 +8,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.apikeys import generate_key, key_entry
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, load_settings
 from service.errors import PROBLEM_JSON
 
 
@@ -72,7 +72,9 @@ async def test_the_bearer_scheme_is_declared_only_when_keys_are_configured(
     assert "securitySchemes" not in open_document["components"]
 
     key = generate_key()
-    closed = create_app(settings.model_copy(update={"api_keys": key_entry("ops", key, ("admin",))}))
+    closed = create_app(
+        load_settings(**{**settings.model_dump(), "api_keys": key_entry("ops", key, ("admin",))})
+    )
     async with closed.test_app() as test_app:
         response = await test_app.test_client().get(
             "/openapi.json", headers={"Authorization": f"Bearer {key}"}

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
+from service.backends.resources import resources
 from service.config import Settings
 from service.errors import PROBLEM_JSON
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
@@ -162,7 +163,7 @@ async def test_with_redis_down_the_report_is_still_served_and_readyz_says_degrad
         http = test_app.test_client()
         responses = await asyncio.gather(*(http.get(PATH) for _ in range(20)))
         ready = await http.get("/readyz")
-        cache = app.extensions["cache"]
+        cache = resources(app).report_cache
         loads = sum(cache.loads.values())
     assert {response.status_code for response in responses} == {200}
     bodies = [await response.get_json() for response in responses]

@@ -16,6 +16,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.backends import queue_contract as queue
+from service.backends.resources import resources
 from service.config import Settings
 from service.errors import PROBLEM_JSON
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
@@ -346,7 +347,7 @@ async def test_aborting_a_task_that_has_just_ended_leaves_no_abort_mark(
 ) -> None:
     from service.backends.taskqueue import Task
 
-    tasks = app.app.extensions["task_queue"]
+    tasks = resources(app.app).task_queue
     # Seen running a moment ago, finished (and gone from the queue) by the time of the abort:
     # arq would never clear a mark left for it.
     ended = Task("f" * 32, "running", 5, None, None, 1, None, None, None)

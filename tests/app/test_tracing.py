@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -68,16 +67,6 @@ async def _job(settings: Settings, job_id: str) -> dict[str, object]:
     assert raw is not None
     job: dict[str, object] = queue.loads(raw)
     return job
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    assert tracing.start("quart-service-test", exporter=exporter)
-    try:
-        yield exporter
-    finally:
-        tracing.stop()
 
 
 def _finished(exporter: InMemorySpanExporter) -> list[ReadableSpan]:

@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
+from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings
+from service.pipeline import installed
 from service.pipeline.ratelimit import RateLimiter
 from tests.app.test_auth import bearer, production
 from tools.private_servers import private_redis
@@ -30,8 +32,9 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.05)
 
 
-def limiter_of(app: object) -> RateLimiter:
-    limiter: RateLimiter = app.extensions["rate_limiter"]  # type: ignore[attr-defined]
+def limiter_of(app: Quart) -> RateLimiter:
+    limiter = installed(app).setup.limiter
+    assert limiter is not None
     return limiter
 
 

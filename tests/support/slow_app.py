@@ -11,7 +11,7 @@ import asyncio
 from quart import Quart, request
 
 from service.app import create_app as create_service_app
-from service.backends.resources import connection, redis_client, settings
+from service.backends.resources import connection, resources
 
 
 def create_app() -> Quart:
@@ -21,7 +21,8 @@ def create_app() -> Quart:
     async def slow() -> dict[str, object]:
         seconds = float(request.args.get("s", "1"))
         # Counted in Redis so the test knows when every request is in flight, in any worker.
-        await redis_client().incr(f"{settings().redis_prefix}in-flight")
+        held = resources()
+        await held.redis.incr(f"{held.settings.redis_prefix}in-flight")
         await asyncio.sleep(seconds)
         # The pool must still be open after the drain began: it closes only after it.
         async with connection() as conn:

@@ -1,0 +1,47 @@
+"""Checks of the request body before any handler reads it, and closing after a refused one."""
+
+from __future__ import annotations
+
+from quart import Response, request
+
+from service.contract import BODY_METHODS
+from service.errors import APIError
+from service.pipeline.state import RequestState, Setup
+
+
+def _has_body() -> bool:
+    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
+
+
+async def check(setup: Setup, state: RequestState) -> None:
+    """413 for a body over ``MAX_BODY_BYTES``, 415 for one that is not JSON, 400 for bad UTF-8."""
+    limit = setup.settings.max_body_bytes
+    # Refuse an oversized body from its declared length before reading any of it; a chunked
+    # body is cut off at the same limit by Quart while it is read.
+    length = request.content_length
+    if length is not None and length > limit:
+        raise APIError(413, f"The body is over the limit of {limit} bytes.")
+    if request.method not in BODY_METHODS:
+        return
+    if _has_body() and not request.is_json:
+        raise APIError(415, "Send the body as JSON (Content-Type: application/json).")
+    # Quart decodes a JSON body as UTF-8 and lets a decoding error out as a 500.
+    body = await request.get_data()
+    if isinstance(body, bytes):
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            raise APIError(400, "The body is not valid UTF-8.") from None
+
+
+async def close_after_refused(setup: Setup, state: RequestState, response: Response) -> Response:
+    """``Connection: close`` on an error answered to a request that has a body.
+
+    A body refused before it was read (413, 415, 401, 429, ...) makes Hypercorn close the
+    connection rather than read the rest. Saying so in the response keeps a keep-alive client
+    from sending its next request into a closing socket and seeing it dropped. (Any error to a
+    request with a body closes: the cost is one reconnect, on errors.)
+    """
+    if response.status_code >= 400 and _has_body():
+        response.headers["Connection"] = "close"
+    return response

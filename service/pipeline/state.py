@@ -1,0 +1,84 @@
+"""What the request pipeline's steps share: the app's fixed setup, and one request's state.
+
+Each request's state is one :class:`RequestState`, stored once on ``g`` and read through
+:func:`request_state`; no step hands anything to another under a bare name on ``g``. The
+request id is not in it: it lives in the logging's context variable
+(:data:`service.obs.logs.request_id_var`), so that every line logged during the request carries
+it, from any module, Quart or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from quart import Response, g
+
+from service.apikeys import ApiKey
+from service.backends.resources import Resources
+from service.config import Settings
+
+if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
+    from pyinstrument import Profiler
+
+    from service.pipeline.limiter import RateLimiter
+
+# The one attribute of `g` the pipeline uses.
+_ATTRIBUTE = "request_state"
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What the steps of one app share, fixed when the app is created."""
+
+    resources: Resources
+    # None when rate limits are off.
+    limiter: RateLimiter | None
+    # quart-cors's response function; None when no CORS origin is configured.
+    cors: Callable[[Response], Awaitable[Response]] | None
+
+    @property
+    def settings(self) -> Settings:
+        """The app's settings (those of its resources)."""
+        return self.resources.settings
+
+
+@dataclass(slots=True)
+class RequestState:
+    """One request's state, as the steps fill it in."""
+
+    # perf_counter() when the first step ran.
+    started: float = 0.0
+    # Seconds from `started` to the response, once measured.
+    duration: float = 0.0
+    # The scope the request needs; None for an open path.
+    scope: str | None = None
+    # The configured key the request carries, if any.
+    key: ApiKey | None = None
+    # Whether the caller may do admin work (an admin key, or no keys configured at all).
+    admin: bool = False
+    # RateLimit and RateLimit-Policy, once the limiter has counted the request.
+    rate_limit_headers: Mapping[str, str] | None = None
+    # The request's profile while it is being taken (X-Profile-Token).
+    profiler: Profiler | None = None
+    # The request's span, and the token that made it current, while tracing is on.
+    span: Span | None = None
+    span_token: Token[Context] | None = None
+
+
+def begin_request() -> RequestState:
+    """A fresh state for the request now starting, stored on ``g``."""
+    state = RequestState()
+    setattr(g, _ATTRIBUTE, state)
+    return state
+
+
+def request_state() -> RequestState:
+    """The current request's state (a fresh one if the pipeline has not started it)."""
+    state: RequestState | None = g.get(_ATTRIBUTE)
+    return state if state is not None else begin_request()
