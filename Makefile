@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) -m tools run
 
-# The servers the tests run besides PostgreSQL and Redis (PgBouncer, Sentinel).
-SERVER_PACKAGES := pgbouncer:pgbouncer redis-sentinel:redis-sentinel
+# The servers the tests run besides PostgreSQL and Redis (PgBouncer, Sentinel, Prometheus
+# with promtool).
+SERVER_PACKAGES := pgbouncer:pgbouncer redis-sentinel:redis-sentinel prometheus:prometheus
 
 .PHONY: servers
 servers:

@@ -191,5 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                     _settings(opts, stamp, run.notes))  # fmt: skip
     out.write_text(json.dumps(saved, indent=2))
     print(f"\nresults saved to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    from bench.plot import draw
+
+    picture = draw(out)
+    print(
+        f"picture saved to {picture.relative_to(ROOT) if picture.is_relative_to(ROOT) else picture}"
+    )
     print(f"logs of every process in {logs.relative_to(ROOT)}")
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from quart import Quart
 from quart.typing import TestAppProtocol as TestApp
 from quart.typing import TestClientProtocol as Client
@@ -19,6 +20,7 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings, load_settings
+from service.obs import tracing
 from tools.devstack import ensure_services, with_search_path
 from tools.private_servers import free_port
 
@@ -129,3 +131,15 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on for this test, its spans kept in memory (``tracing.flush()`` before reading);
+    an app created after this fixture installs the tracing steps."""
+    exporter = InMemorySpanExporter()
+    assert tracing.start("quart-service-test", exporter=exporter)
+    try:
+        yield exporter
+    finally:
+        tracing.stop()

@@ -20,6 +20,7 @@ from pebble import ProcessPool
 from service.backends import queue_contract as queue
 from service.backends.redis import redis_pool
 from service.config import Settings, load_settings
+from service.obs import tracing
 from service.obs.host import usable_cpus
 from service.obs.loopwatch import LoopWatch
 from service.obs.metrics import WORKER_POOL_SIZE
@@ -51,6 +52,7 @@ def init_compute_process(niceness: int) -> None:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    tracing.start("quart-service-worker")
     size = pool_size(settings)
     # forkserver: children start from a clean process, not a fork of the running event loop.
     ctx["pool"] = ProcessPool(
@@ -68,6 +70,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    tracing.flush()
     watch: LoopWatch | None = ctx.pop("loopwatch", None)
     if watch is not None:
         await watch.stop()
@@ -91,7 +94,13 @@ def start_metrics_server(settings: Settings) -> None:
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        from service.obs.metrics import SCRAPE
+
+        start_http_server(
+            settings.worker_metrics_port,
+            addr=settings.worker_metrics_host,
+            registry=SCRAPE,
+        )
         log.info(
             "worker metrics on %s:%d", settings.worker_metrics_host, settings.worker_metrics_port
         )

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
 from service.config import Settings
+from service.obs import tracing
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,9 @@ class TaskQueue:
         job_id = job_id_for(self.settings, idempotency_key, owner)
         client = owner if client is None else client
         now_ms = int(time.time() * 1000)
-        payload = serialize_job(queue.JOB_NAME, (n,), {}, None, now_ms, serializer=queue.dumps)
+        # The trace context rides in the job's kwargs, so the worker's span joins this trace.
+        kwargs = tracing.job_kwargs()
+        payload = serialize_job(queue.JOB_NAME, (n,), kwargs, None, now_ms, serializer=queue.dumps)
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
@@ -322,6 +325,17 @@ class TaskQueue:
         """Outstanding tasks: queued or running (arq keeps a job in the queue until it ends)."""
         value: int = await self.redis.zcard(self.queue_name)
         return value
+
+    async def oldest_age(self) -> float:
+        """Seconds since the oldest outstanding task was enqueued (0 with none)."""
+        oldest = await self.redis.zrange(self.queue_name, 0, 0, withscores=True)
+        if not oldest:
+            return 0.0
+        return max(0.0, time.time() - float(oldest[0][1]) / 1000)
+
+    async def worker_alive(self) -> bool:
+        """Whether any worker on this queue renewed its own health-check key lately."""
+        return any((await queue.live_workers(self.redis, self.settings)).values())
 
     # -- aborting -------------------------------------------------------------------------
 

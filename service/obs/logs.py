@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from service.obs import tracing
+
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # LogRecord's own attributes; anything else on a record came from ``extra=`` and is logged.
@@ -28,11 +30,16 @@ _STANDARD = frozenset(
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current request's id (or None) on every record."""
+    """Puts the current request's id (or None) on every record, and while tracing is on the
+    current span's ``trace_id`` and ``span_id``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
+        if tracing.TRACER is not None:
+            ids = tracing.current_ids()
+            if ids is not None:
+                record.trace_id, record.span_id = ids
         return True
 
 

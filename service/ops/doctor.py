@@ -92,13 +92,13 @@ def _total(samples: Samples, name: str, **labels: str) -> float:
 
 def check_server(samples: Samples) -> Check:
     servers = {labels.get("server", "?"): labels.get("loop", "?") for labels, _ in
-               samples.get("service_server_info", [])}  # fmt: skip
+               samples.get("quart_service_server_info", [])}  # fmt: skip
     if not servers:
         return Check("server", "fail", "the service reports no server (is it this service?)")
     if set(servers) != {"hypercorn"}:
         return Check("server", "fail", f"served by {', '.join(servers)}, not Hypercorn")
-    processes = int(_total(samples, "service_processes"))
-    cpus = int(max((v for _, v in samples.get("service_cpus", [])), default=1))
+    processes = int(_total(samples, "quart_service_processes"))
+    cpus = int(max((v for _, v in samples.get("quart_service_cpus", [])), default=1))
     loops = ", ".join(sorted(set(servers.values())))
     summary = f"Hypercorn, {processes} worker(s) on {cpus} CPU(s), loop {loops}"
     if processes < 1:
@@ -115,9 +115,9 @@ def check_server(samples: Samples) -> Check:
 
 def check_loop(samples: Samples, window: float, where: str = "API") -> Check:
     name = "event loop" if where == "API" else f"event loop ({where})"
-    last = max((v for _, v in samples.get("event_loop_last_blocked_timestamp_seconds", [])),
-               default=0.0)  # fmt: skip
-    blocks = int(_total(samples, "event_loop_blocked_total"))
+    stamps = samples.get("quart_service_event_loop_last_blocked_timestamp_seconds", [])
+    last = max((v for _, v in stamps), default=0.0)
+    blocks = int(_total(samples, "quart_service_event_loop_blocked_total"))
     if last and time.time() - last <= window:
         return Check(
             name,
@@ -217,8 +217,8 @@ async def check_connections(conn: asyncpg.Connection, samples: Samples) -> Check
     max_connections = int(await conn.fetchval("SHOW max_connections"))
     reserved = int(await conn.fetchval("SHOW superuser_reserved_connections"))
     budget = max_connections - reserved
-    pools = int(_total(samples, "db_pool_max_size"))
-    processes = max(int(_total(samples, "service_processes")), 1)
+    pools = int(_total(samples, "quart_service_db_pool_max_size"))
+    processes = max(int(_total(samples, "quart_service_processes")), 1)
     in_use = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
                                  "'client backend'")  # fmt: skip
     summary = (
@@ -245,9 +245,9 @@ async def check_redis(settings: Settings, samples: Samples, ready: dict[str, Any
     service_view = ready.get("checks", {}).get("redis", "unknown")
     if service_view != "ok":
         return Check("redis", "fail", f"the service cannot reach Redis: {service_view}")
-    hits = _total(samples, "cache_hits_total")
-    misses = _total(samples, "cache_misses_total")
-    errors = int(_total(samples, "redis_errors_total"))
+    hits = _total(samples, "quart_service_cache_hits_total")
+    misses = _total(samples, "quart_service_cache_misses_total")
+    errors = int(_total(samples, "quart_service_redis_errors_total"))
     lookups = hits + misses
     ratio = (
         f"cache hit ratio {hits / lookups:.0%} of {lookups:.0f}" if lookups else "no lookups yet"
@@ -262,27 +262,39 @@ async def check_redis(settings: Settings, samples: Samples, ready: dict[str, Any
 # -- 6. worker -----------------------------------------------------------------------------
 
 
+# An outstanding task older than this means the workers are not keeping up (the alert
+# QuartServiceTaskQueueStale in deploy/prometheus/rules.yml uses the same figure).
+STALE_TASK_AGE = 300.0
+
+
 async def check_worker(settings: Settings) -> Check:
     client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
         workers = await queue.live_workers(client, settings)
         alive = any(workers.values())
         depth = int(await client.zcard(queue.queue_name(settings)))
+        oldest = await client.zrange(queue.queue_name(settings), 0, 0, withscores=True)
     except Exception as error:
         return Check("worker", "fail", f"cannot read the queue ({type(error).__name__})")
     finally:
         await client.aclose()
+    # arq scores a job by the time it may start (ms); a running job stays in the queue too.
+    age = max(0.0, time.time() - float(oldest[0][1]) / 1000) if oldest else 0.0
+    waited = f", the oldest {age:.0f} s old" if depth else ""
     limit = settings.task_queue_limit
     if not alive:
         return Check("worker", "fail", f"no live worker on {queue.queue_name(settings)} "
-                     f"({depth} task(s) waiting)")  # fmt: skip
+                     f"({depth} task(s) waiting{waited})")  # fmt: skip
     # Seen in the last day without a health key now: killed, or hung (a stuck loop, a SIGSTOP).
     silent = sorted(identity for identity, fresh in workers.items() if not fresh)
     live = f"worker alive ({sum(workers.values())} live"
     live += f", {len(silent)} silent: {', '.join(silent[:3])})" if silent else ")"
     if depth >= 0.8 * limit:
-        return Check("worker", "warn", f"{live}; queue {depth} of {limit}: near full")
-    return Check("worker", "pass", f"{live}; queue depth {depth} of {limit}")
+        return Check("worker", "warn", f"{live}; queue {depth} of {limit}: near full{waited}")
+    if age > STALE_TASK_AGE:
+        return Check("worker", "warn", f"{live}; queue depth {depth} of {limit}{waited}: "
+                     "the workers are not keeping up")  # fmt: skip
+    return Check("worker", "pass", f"{live}; queue depth {depth} of {limit}{waited}")
 
 
 # -- all together --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from quart import Quart, Response
 
 from service.backends.resources import Resources
 from service.config import Settings, split_list
+from service.obs import tracing
 from service.pipeline import auth, body, drain, headers, instrument, ratelimit, request_id
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
@@ -68,6 +69,11 @@ def _profiling(settings: Settings) -> bool:
     return settings.profiling_token is not None
 
 
+def _tracing(settings: Settings) -> bool:
+    # From the OTEL_* variables (or a tracer a test started): off, no span step is installed.
+    return tracing.TRACER is not None or tracing.wanted()
+
+
 @dataclass(frozen=True)
 class Before:
     """A step run before the handler; it may refuse the request by raising."""
@@ -99,6 +105,8 @@ Step = Before | After | Teardown
 
 STEPS: tuple[Step, ...] = (
     Before("timer", instrument.start_timer),
+    # Current before anything logs, so every line of the request names its trace.
+    Before("trace span", instrument.start_span, when=_tracing),
     # Before anything that may log: every line logged from here on carries the request's id.
     Before("request id", request_id.assign),
     Before("key and scope", auth.identify),
@@ -112,6 +120,7 @@ STEPS: tuple[Step, ...] = (
     After("loop-watch activity end", instrument.end_activity),
     After("metrics", instrument.record_metrics),
     After("request log line", instrument.log_request),
+    After("trace span name and status", instrument.name_span, when=_tracing),
     # Replaces the response by the profile; the headers below still apply to it.
     After("profile", instrument.finish_profile, when=_profiling),
     After("request id header", request_id.echo),
@@ -119,6 +128,7 @@ STEPS: tuple[Step, ...] = (
     After("cors", headers.cors, when=_cors_configured),
     After("exposure headers", headers.exposure),
     Teardown("profiler stop", instrument.stop_profile, when=_profiling),
+    Teardown("trace span end", instrument.end_span, when=_tracing),
 )
 
 

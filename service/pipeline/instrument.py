@@ -14,6 +14,8 @@ import logging
 import sys
 import time
 
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
 from pyinstrument import Profiler
 from quart import Blueprint, Quart, Response, request
 from quart_schema import hide
@@ -21,7 +23,7 @@ from quart_schema import hide
 from service.backends.resources import Resources, resources
 from service.config import Settings
 from service.contract import METHODS
-from service.obs import metrics
+from service.obs import metrics, tracing
 from service.obs.host import usable_cpus
 from service.obs.logs import request_id_var
 from service.obs.loopwatch import LoopWatch, clear_activity, set_activity
@@ -69,9 +71,11 @@ class Watchers:
     async def _sample_pool(self) -> None:
         while True:
             update_pool_gauges(self.resources)
+            metrics.sample_process()
             await asyncio.sleep(1)
 
     async def start(self) -> None:
+        tracing.start("quart-service")  # per process: its exporter runs a thread
         metrics.PROCESSES.set(1)
         metrics.CPUS.set(usable_cpus())
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -87,6 +91,7 @@ class Watchers:
                 await sampler
         await self.watch.stop()
         metrics.mark_process_dead()
+        tracing.flush()
 
 
 def install_watchers(app: Quart, held: Resources) -> None:
@@ -99,7 +104,8 @@ def install_watchers(app: Quart, held: Resources) -> None:
 @blueprint.get("/metrics")
 @hide
 async def metrics_endpoint() -> Response:
-    """Prometheus metrics of every API process, and the queue depth read from Redis now."""
+    """Prometheus metrics of every API process, and the queue, the workers' health and Redis
+    read from Redis now."""
     held = resources()
     update_pool_gauges(held)
     live: dict[str, tuple[str, float]] = {}
@@ -107,10 +113,34 @@ async def metrics_endpoint() -> Response:
         try:
             async with asyncio.timeout(0.5):
                 depth = await held.task_queue.depth()
-            live["task_queue_depth"] = ("Tasks queued or running, read from Redis.", depth)
+                oldest = await held.task_queue.oldest_age()
+                alive = await held.task_queue.worker_alive()
         except Exception as error:  # the scrape still answers without Redis
             metrics.REDIS_ERRORS.inc()
             log.warning("queue depth unavailable: %s", type(error).__name__)
+            live["quart_service_redis_up"] = ("1 if Redis answered this scrape, else 0.", 0)
+        else:
+            live.update(
+                {
+                    "quart_service_redis_up": ("1 if Redis answered this scrape, else 0.", 1),
+                    "quart_service_task_queue_depth": (
+                        "Tasks queued or running, read from Redis.",
+                        depth,
+                    ),
+                    "quart_service_task_queue_limit": (
+                        "Outstanding tasks the queue accepts (TASK_QUEUE_LIMIT).",
+                        held.settings.task_queue_limit,
+                    ),
+                    "quart_service_task_queue_oldest_age_seconds": (
+                        "Age of the oldest task queued or running, read from Redis (0: none).",
+                        oldest,
+                    ),
+                    "quart_service_worker_up": (
+                        "1 if a worker on this queue renewed its health-check key lately.",
+                        int(alive),
+                    ),
+                }
+            )
     return Response(metrics.render(live), content_type=metrics.CONTENT_TYPE_LATEST)
 
 
@@ -137,6 +167,28 @@ def _wants_profile(settings: Settings, state: RequestState) -> bool:
 async def start_timer(setup: Setup, state: RequestState) -> None:
     """First of all, so the duration includes every step, and a refused request is timed."""
     state.started = time.perf_counter()
+
+
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+async def start_span(setup: Setup, state: RequestState) -> None:
+    """The request's span (installed only while tracing is on): a client's W3C traceparent is
+    its parent, and it is current for the rest of the request, so the asyncpg and Redis spans,
+    the job's trace context and the log lines' ids all hang below it."""
+    tracer = tracing.TRACER
+    if tracer is None:
+        return
+    carrier = {name: value for name in _TRACE_HEADERS if (value := request.headers.get(name))}
+    parent = tracing.extract(carrier)
+    span = tracer.start_span(
+        request.method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "url.path": request.path},
+    )
+    state.span = span
+    state.span_token = otel_context.attach(set_span_in_context(span, parent))
 
 
 async def mark_activity(setup: Setup, state: RequestState) -> None:
@@ -185,6 +237,29 @@ async def log_request(setup: Setup, state: RequestState, response: Response) -> 
         },
     )
     return response
+
+
+async def name_span(setup: Setup, state: RequestState, response: Response) -> Response:
+    """The span named by route template, with the response's status."""
+    span = state.span
+    if span is not None:
+        route = _route()
+        span.update_name(f"{_method()} {route}")
+        span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", response.status_code)
+        if response.status_code >= 500:
+            span.set_status(StatusCode.ERROR)
+    return response
+
+
+async def end_span(setup: Setup, state: RequestState) -> None:
+    """At teardown, however the request ended: the span ends and stops being current."""
+    span, state.span = state.span, None
+    if span is not None:
+        span.end()
+        token, state.span_token = state.span_token, None
+        if token is not None:
+            otel_context.detach(token)
 
 
 async def finish_profile(setup: Setup, state: RequestState, response: Response) -> Response:

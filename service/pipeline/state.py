@@ -20,6 +20,10 @@ from service.backends.resources import Resources
 from service.config import Settings
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
     from pyinstrument import Profiler
 
     from service.pipeline.limiter import RateLimiter
@@ -62,6 +66,9 @@ class RequestState:
     rate_limit_headers: Mapping[str, str] | None = None
     # The request's profile while it is being taken (X-Profile-Token).
     profiler: Profiler | None = None
+    # The request's span, and the token that made it current, while tracing is on.
+    span: Span | None = None
+    span_token: Token[Context] | None = None
 
 
 def begin_request() -> RequestState:

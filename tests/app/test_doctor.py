@@ -15,6 +15,8 @@ from contextlib import ExitStack, contextmanager
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
+from quart.typing import TestClientProtocol as Client
 
 from service.config import Settings
 from service.ops.doctor import parse_metrics
@@ -53,7 +55,7 @@ def wait_for_all_workers(base_url: str, workers: int = 2) -> None:
     """Hypercorn answers once one worker serves; wait until every worker has started."""
     for _ in range(200):
         samples = parse_metrics(httpx.get(f"{base_url}/metrics", timeout=5).text)
-        if value(samples, "service_processes") >= workers:
+        if value(samples, "quart_service_processes") >= workers:
             return
         time.sleep(0.05)
     raise RuntimeError(f"fewer than {workers} Hypercorn workers started")
@@ -162,3 +164,23 @@ def test_doctor_reads_a_deployment_that_enforces_keys_with_an_admin_key(
     assert "401" in without["server"][1]
     assert with_key["server"][0] != "FAIL", with_key
     assert "401" not in with_key["server"][1]
+
+
+async def test_doctor_names_the_age_of_the_oldest_waiting_task(
+    settings: Settings, client: Client
+) -> None:
+    from service.backends import queue_contract as queue
+    from service.ops.doctor import check_worker
+
+    created = await client.post("/tasks", json={"n": 10})
+    assert created.status_code == 202
+    task_id = (await created.get_json())["id"]
+    # As if it had been enqueued ten minutes ago (arq scores a job by its enqueue time, ms).
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await redis.zadd(queue.queue_name(settings), {task_id: (time.time() - 600) * 1000})
+    finally:
+        await redis.aclose()
+    check = await check_worker(settings)
+    assert check.status == "fail"  # no worker runs here
+    assert check.reason.endswith("(1 task(s) waiting, the oldest 600 s old)"), check.reason

@@ -72,14 +72,20 @@ async def test_requests_are_counted_by_route_template_and_status(client: Client)
         return value(after, name, **labels) - value(before, name, **labels)
 
     route = "/users/<int:user_id>"
-    assert delta("http_requests_total", method="GET", route=route, status="404") == 3
-    assert delta("http_requests_total", method="POST", route="/users", status="201") == 1
-    assert delta("http_requests_total", route="<unmatched>", status="404") == 1
-    assert delta("http_request_duration_seconds_count", method="GET", route=route) == 3
+    assert delta("quart_service_http_requests_total", method="GET", route=route, status="404") == 3
+    assert (
+        delta("quart_service_http_requests_total", method="POST", route="/users", status="201") == 1
+    )
+    assert delta("quart_service_http_requests_total", route="<unmatched>", status="404") == 1
+    assert (
+        delta("quart_service_http_request_duration_seconds_count", method="GET", route=route) == 3
+    )
     # Raw paths never become labels.
-    assert not any("/users/101" in str(labels) for labels, _ in after["http_requests_total"])
-    assert value(after, "db_pool_max_size") == 5
-    assert value(after, "db_pool_size") >= 1
+    assert not any(
+        "/users/101" in str(labels) for labels, _ in after["quart_service_http_requests_total"]
+    )
+    assert value(after, "quart_service_db_pool_max_size") == 5
+    assert value(after, "quart_service_db_pool_size") >= 1
 
 
 async def test_tasks_accepted_and_refused_and_queue_depth(settings: Settings) -> None:
@@ -88,18 +94,29 @@ async def test_tasks_accepted_and_refused_and_queue_depth(settings: Settings) ->
         assert (await client.post("/tasks", json={"n": 10})).status_code == 202
         assert (await client.post("/tasks", json={"n": 11})).status_code == 503
         after = await scrape(client)
-        assert value(after, "tasks_accepted_total") - value(before, "tasks_accepted_total") == 1
-        refused = value(after, "tasks_refused_total", reason="full")
-        assert refused - value(before, "tasks_refused_total", reason="full") == 1
+        assert (
+            value(after, "quart_service_tasks_accepted_total")
+            - value(before, "quart_service_tasks_accepted_total")
+            == 1
+        )
+        refused = value(after, "quart_service_tasks_refused_total", reason="full")
+        assert refused - value(before, "quart_service_tasks_refused_total", reason="full") == 1
         # No worker runs here, so the accepted task is still queued.
-        assert value(after, "task_queue_depth") == 1
+        assert value(after, "quart_service_task_queue_depth") == 1
+        assert value(after, "quart_service_task_queue_limit") == 1
+        assert value(after, "quart_service_worker_up") == 0
+        assert value(after, "quart_service_redis_up") == 1
+        first_age = value(after, "quart_service_task_queue_oldest_age_seconds")
+        await asyncio.sleep(0.3)
+        later_age = value(await scrape(client), "quart_service_task_queue_oldest_age_seconds")
+        assert 0 < first_age < later_age < 30  # the queued task grows older
 
 
 async def test_a_blocking_route_is_reported_with_its_stack(
     blocking_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="service.obs.loopwatch")
-    before = value(await scrape(blocking_client), "event_loop_blocked_total")
+    before = value(await scrape(blocking_client), "quart_service_event_loop_blocked_total")
     response = await blocking_client.get("/block", headers={"X-Request-ID": "blocker-1"})
     assert response.status_code == 200
     # On a busy machine the loop can also be held past the threshold elsewhere (a test's
@@ -116,8 +133,10 @@ async def test_a_blocking_route_is_reported_with_its_stack(
     stack: str = report.stack  # type: ignore[attr-defined]
     assert "time.sleep(0.5)" in stack
     after = await scrape(blocking_client)
-    assert value(after, "event_loop_blocked_total") - before >= 1
-    assert value(after, "event_loop_last_blocked_timestamp_seconds") > time.time() - 60
+    assert value(after, "quart_service_event_loop_blocked_total") - before >= 1
+    assert (
+        value(after, "quart_service_event_loop_last_blocked_timestamp_seconds") > time.time() - 60
+    )
 
 
 async def test_the_watchdog_names_the_activity_holding_the_loop(
@@ -155,15 +174,23 @@ async def test_slow_queries_are_logged_by_name_without_their_values(
     caplog.set_level(logging.WARNING, logger="service.slow_query")
     email = "secret.person@example.com"
     async for client in serve(settings.model_copy(update={"slow_query_threshold": 0.0})):
-        before = value(await scrape(client), "db_slow_queries_total", query="find_users_by_email")
+        before = value(
+            await scrape(client), "quart_service_db_slow_queries_total", query="find_users_by_email"
+        )
         response = await client.get(
             "/users", query_string={"email": email}, headers={"X-Request-ID": "slowq-1"}
         )
         assert response.status_code == 200
         await asyncio.sleep(0)  # asyncpg calls query loggers on the next loop iteration
         after = await scrape(client)
-    assert value(after, "db_slow_queries_total", query="find_users_by_email") - before == 1
-    assert value(after, "db_query_duration_seconds_count", query="find_users_by_email") >= 1
+    assert (
+        value(after, "quart_service_db_slow_queries_total", query="find_users_by_email") - before
+        == 1
+    )
+    assert (
+        value(after, "quart_service_db_query_duration_seconds_count", query="find_users_by_email")
+        >= 1
+    )
     (record,) = [r for r in caplog.records if getattr(r, "query", "") == "find_users_by_email"]
     assert record.params == 1  # type: ignore[attr-defined]
     assert email not in record.getMessage()
@@ -267,11 +294,22 @@ async def test_cache_hits_misses_and_redis_errors_are_counted(
     assert (await client.get("/expensive-operation")).status_code == 200
     assert (await client.get("/expensive-operation")).status_code == 200
     after = await scrape(client)
-    assert value(after, "cache_misses_total") - value(before, "cache_misses_total") == 1
-    assert value(after, "cache_hits_total") - value(before, "cache_hits_total") == 1
+    assert (
+        value(after, "quart_service_cache_misses_total")
+        - value(before, "quart_service_cache_misses_total")
+        == 1
+    )
+    assert (
+        value(after, "quart_service_cache_hits_total")
+        - value(before, "quart_service_cache_hits_total")
+        == 1
+    )
 
     dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     async for down in serve(dead):
-        errors_before = value(await scrape(down), "redis_errors_total")
+        errors_before = value(await scrape(down), "quart_service_redis_errors_total")
         assert (await down.get("/expensive-operation")).status_code == 200
-        assert value(await scrape(down), "redis_errors_total") > errors_before
+        dead_scrape = await scrape(down)
+        assert value(dead_scrape, "quart_service_redis_errors_total") > errors_before
+        assert value(dead_scrape, "quart_service_redis_up") == 0
+        assert "quart_service_task_queue_depth" not in dead_scrape

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 from quart import Quart, Response
 
@@ -17,6 +18,7 @@ from service.backends import resources
 from service.backends.cache import Cache
 from service.config import Settings
 from service.errors import register_error_handlers
+from service.obs import tracing
 from service.obs.logs import RequestIdFilter
 from service.pipeline import STEPS, After, Before, RequestState, Setup, Step, Teardown
 from tests.app.test_auth import bearer, production
@@ -56,7 +58,9 @@ def recorded(steps: Iterable[Step], ran: list[str]) -> list[Step]:
     return [after(step) if isinstance(step, After) else before(step) for step in steps]
 
 
-async def test_the_steps_run_in_the_order_the_list_declares(settings: Settings) -> None:
+async def test_the_steps_run_in_the_order_the_list_declares(
+    spans: InMemorySpanExporter, settings: Settings
+) -> None:
     config = everything_on(settings)
     ran: list[str] = []
     app = Quart(__name__)
@@ -109,7 +113,9 @@ def installed_by(hook: object) -> pipeline.Pipeline:
     return owner
 
 
-def test_the_app_installs_the_declared_steps_as_one_hook_of_each_kind(settings: Settings) -> None:
+def test_the_app_installs_the_declared_steps_as_one_hook_of_each_kind(
+    spans: InMemorySpanExporter, settings: Settings
+) -> None:
     app = create_app(everything_on(settings))
     (before,) = app.before_request_funcs[None]
     (after,) = app.after_request_funcs[None]
@@ -117,7 +123,9 @@ def test_the_app_installs_the_declared_steps_as_one_hook_of_each_kind(settings: 
     installed = installed_by(before)
     assert installed_by(after) is installed is installed_by(teardown)
     assert installed.steps == STEPS
-    # A step a setting switches off is not installed at all.
+    # A step a setting switches off is not installed at all; so are the tracing steps while
+    # no OTEL_* variable asks for traces.
+    tracing.stop()
     plain = create_app(settings)
     left_out = {step.name for step in STEPS} - {
         step.name for step in installed_by(plain.before_request_funcs[None][0]).steps
@@ -129,6 +137,9 @@ def test_the_app_installs_the_declared_steps_as_one_hook_of_each_kind(settings: 
         "profiling",
         "profile",
         "profiler stop",
+        "trace span",
+        "trace span name and status",
+        "trace span end",
     }
     assert not plain.teardown_request_funcs.get(None)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,10 +48,37 @@ async def test_metrics_add_up_over_hypercorn_workers_and_logs_are_json(
             for _ in range(4):  # whichever worker answers the scrape, it counts all of them
                 samples = parse_metrics((await http.get("/metrics")).text)
                 route = "/users/<int:user_id>"
-                assert value(samples, "http_requests_total", route=route, status="404") == 30
-                assert value(samples, "http_request_duration_seconds_count", route=route) == 30
-                assert value(samples, "service_processes") == 2
-                assert value(samples, "db_pool_max_size") == 2 * 4
+                assert (
+                    value(samples, "quart_service_http_requests_total", route=route, status="404")
+                    == 30
+                )
+                assert (
+                    value(samples, "quart_service_http_request_duration_seconds_count", route=route)
+                    == 30
+                )
+                assert value(samples, "quart_service_processes") == 2
+                assert value(samples, "quart_service_db_pool_max_size") == 2 * 4
+                # Each Hypercorn worker reports its own memory, CPU, descriptors and start.
+                per_pid = {
+                    name: {labels["pid"]: v for labels, v in samples[name]}
+                    for name in (
+                        "quart_service_process_resident_memory_bytes",
+                        "quart_service_process_cpu_seconds",
+                        "quart_service_process_open_fds",
+                        "quart_service_process_start_time_seconds",
+                    )
+                }
+                pids = set(per_pid["quart_service_process_resident_memory_bytes"])
+                assert len(pids) == 2
+                assert str(process.pid) not in pids
+                for pid in pids:
+                    status = await asyncio.to_thread(Path(f"/proc/{pid}/status").read_text)
+                    assert f"PPid:\t{process.pid}\n" in status  # a Hypercorn worker of this run
+                    assert per_pid["quart_service_process_resident_memory_bytes"][pid] > 10e6
+                    assert per_pid["quart_service_process_cpu_seconds"][pid] > 0
+                    assert per_pid["quart_service_process_open_fds"][pid] >= 5
+                    started = per_pid["quart_service_process_start_time_seconds"][pid]
+                    assert time.time() - 120 < started <= time.time()
             secret_email = "who.is.this@example.com"
             answer = await http.get(
                 "/users",
@@ -108,9 +137,13 @@ async def test_the_worker_serves_its_own_metrics(settings: Settings, client: Cli
         async with httpx.AsyncClient() as http:
             text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
     samples = parse_metrics(text)
-    assert value(samples, "worker_jobs_total", outcome="complete") == 1
-    assert value(samples, "worker_jobs_total", outcome="timed_out") == 1
-    assert value(samples, "worker_job_duration_seconds_count") == 2
-    assert value(samples, "worker_pool_size") == 1
-    assert value(samples, "worker_pool_busy") == 0
-    assert value(samples, "event_loop_lag_seconds_count") > 0
+    assert value(samples, "quart_service_worker_jobs_total", outcome="complete") == 1
+    assert value(samples, "quart_service_worker_jobs_total", outcome="timed_out") == 1
+    assert value(samples, "quart_service_worker_job_duration_seconds_count") == 2
+    assert value(samples, "quart_service_worker_pool_size") == 1
+    assert value(samples, "quart_service_worker_pool_busy") == 0
+    assert value(samples, "quart_service_event_loop_lag_seconds_count") > 0
+    (pid,) = {labels["pid"] for labels, _ in samples["quart_service_process_open_fds"]}
+    assert value(samples, "quart_service_process_resident_memory_bytes", pid=pid) > 10e6
+    # The unprefixed defaults (process_*, python_gc_*) are gone: every name has the prefix.
+    assert all(name.startswith("quart_service_") for name in samples)
