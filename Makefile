@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench soak doctor lock scale-out
+.PHONY: run test check fmt migrate down clean bench soak doctor lock scale-out images image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ doctor: $(VENV)/.installed
 lock: $(VENV)/.installed
 	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
 		--generate-hashes --quiet --output-file requirements.lock
+
+## images: build the API and worker images with Buildah (installed from Debian if missing); the
+## base is PYTHON_IMAGE if it can be pulled, else one made from Debian packages (tools/images.py)
+images: $(VENV)/.installed
+	$(PY) -m tools.images build
+
+## image-test: run the built images with podman against this machine's PostgreSQL and Redis
+## (tests/images/; `make images` first)
+image-test: $(VENV)/.installed
+	$(PY) -m pytest tests/images $(PYTEST_ARGS)
 
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
 scale-out: $(VENV)/.installed
