@@ -6,6 +6,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -19,6 +20,17 @@ from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings, load_settings
 from tools.devstack import ensure_services
+
+IMAGES_TESTS = Path(__file__).parent / "images"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/images/ needs the built images (`make images`) and runs only when named
+    (`make image-test`): a plain `pytest` or `make test` leaves it out instead of failing."""
+    if collection_path != IMAGES_TESTS:
+        return None
+    named = (config.invocation_params.dir / arg.split("::")[0] for arg in config.args)
+    return not any(path.resolve().is_relative_to(IMAGES_TESTS) for path in named)
 
 
 @pytest.fixture(scope="session")
