@@ -15,8 +15,15 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) -m tools.devstack run
 
+# The servers the tests run besides PostgreSQL and Redis (PgBouncer, Sentinel).
+SERVER_PACKAGES := pgbouncer:pgbouncer redis-sentinel:redis-sentinel
+
+.PHONY: servers
+servers:
+	sh tools/debian_packages.sh $(SERVER_PACKAGES)
+
 ## test: the whole test suite against real PostgreSQL and Redis (started if need be)
-test: $(VENV)/.installed
+test: $(VENV)/.installed servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## check: lint, format check, types

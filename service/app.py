@@ -20,6 +20,7 @@ from service.openapi import ServiceOpenAPIProvider
 from service.pipeline import auth
 from service.pipeline.drain import install_graceful_drain
 from service.pipeline.instrument import init_app as init_observability
+from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
 from service.routes.reports import blueprint as reports_blueprint
 from service.routes.tasks import blueprint as tasks_blueprint
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     # handlers here return plain JSON-ready dicts, never models, so Quart's own make_response
     # serves them as they are. (A handler that returns a pydantic model must dump it itself.)
     del app.make_response
+    if settings.docs_served:
+        docs.install(app)
     register_error_handlers(app)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)

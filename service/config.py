@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.apikeys import parse_api_keys
 
+_DEVELOPMENT_TASK_ID_SECRET = "development-only-task-id-secret"  # noqa: S105 (refused in production)
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
 
 
@@ -32,12 +33,24 @@ class Settings(BaseSettings):
     db_connect_timeout: float = Field(default=5.0, gt=0)
     db_statement_timeout_ms: int = Field(default=10_000, ge=0)
 
+    # DATABASE_URL is a PgBouncer in transaction mode: no statement cache, no session state
+    # (PgBouncer sets statement_timeout with its connect_query), and migrations go to
+    # DATABASE_DIRECT_URL, since their advisory lock needs one session.
+    db_pgbouncer: bool = False
+    # PostgreSQL itself, bypassing any pooler: what migrations use when it is set.
+    database_direct_url: str | None = None
+
     redis_url: str = "redis://127.0.0.1:6379/0"
     # redis-py sets no socket timeouts by default and its default pool raises when full.
     redis_pool_max_size: int = Field(default=50, ge=1, le=10_000)
     redis_pool_timeout: float = Field(default=2.0, gt=0)
     redis_socket_timeout: float = Field(default=1.0, gt=0)
     redis_connect_timeout: float = Field(default=1.0, gt=0)
+    # Comma-separated host:port of Redis Sentinels; when set, the Redis of REDIS_URL (its
+    # password, database number and TLS options still apply) is the primary that these
+    # Sentinels name REDIS_SENTINEL_MASTER, followed through failovers.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
     # Every key the service and its workers write starts with this, so deployments (and
     # tests) can share one Redis.
     redis_prefix: str = Field(default="svc:", min_length=1, max_length=64)
@@ -62,9 +75,16 @@ class Settings(BaseSettings):
     readiness_timeout: float = Field(default=1.0, gt=0)
 
     # Tasks (arq): the API's limits and the worker's settings.
-    task_max_n: int = Field(default=10**9, ge=1)
+    # About 10 s of one core for the largest sum: well within TASK_TIMEOUT.
+    task_max_n: int = Field(default=10**8, ge=1)
     # Outstanding tasks (queued or running) beyond which submissions get 503.
     task_queue_limit: int = Field(default=100, ge=1)
+    # Outstanding tasks one client (API key; client address when keys are off) may have;
+    # past it, submissions get 429. Keeps one client from filling the queue for all others.
+    task_client_limit: int = Field(default=10, ge=1)
+    # The key idempotent task ids are derived under (HMAC), so ids cannot be computed from a
+    # key name and an Idempotency-Key. Required in production; development uses a fixed one.
+    task_id_secret: SecretStr = Field(default=SecretStr(_DEVELOPMENT_TASK_ID_SECRET), min_length=16)
     task_retry_after: int = Field(default=5, ge=1)
     # How long GET /heavy-task waits for the result before answering 202.
     task_wait: float = Field(default=30.0, ge=0)
@@ -128,6 +148,31 @@ class Settings(BaseSettings):
                 raise ValueError(f"sslmode must be one of {', '.join(sorted(_PG_SSLMODES))}")
         return value
 
+    @field_validator("database_direct_url")
+    @classmethod
+    def _direct_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str) -> str:
+        for item in split_list(value):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("each Sentinel must be host:port")
+        return value
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels of REDIS_SENTINELS, or none."""
+        found = []
+        for item in split_list(self.redis_sentinels):
+            host, _, port = item.rpartition(":")
+            found.append((host.strip("[]"), int(port)))
+        return found
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
@@ -161,11 +206,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _migrations_bypass_pgbouncer(self) -> Self:
+        if self.db_pgbouncer and not self.database_direct_url:
+            raise ValueError(
+                "DB_PGBOUNCER needs DATABASE_DIRECT_URL: migrations take a session lock that "
+                "PgBouncer's transaction mode cannot hold, so they connect to PostgreSQL itself"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _closed_in_production(self) -> Self:
         if self.environment == "production" and not parse_api_keys(self.api_keys):
             raise ValueError(
                 "API_KEYS must hold at least one key when ENVIRONMENT=production "
                 "(make one with `python -m service keygen`)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _task_secret_in_production(self) -> Self:
+        if self.environment == "production" and self.task_id_secret.get_secret_value() == (
+            _DEVELOPMENT_TASK_ID_SECRET
+        ):
+            raise ValueError(
+                "TASK_ID_SECRET must be set when ENVIRONMENT=production "
+                "(for example `python -c 'import secrets; print(secrets.token_hex(32))'`)"
             )
         return self
 

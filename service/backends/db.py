@@ -42,6 +42,24 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """What every pooled connection is opened with, directly or through PgBouncer.
+
+    PostgreSQL takes ``statement_timeout`` as a startup parameter; PgBouncer refuses any it
+    does not track, and in transaction mode a session setting would leak to other clients
+    anyway, so behind it the timeout comes from PgBouncer's ``connect_query`` (the shipped
+    deploy/pgbouncer/pgbouncer.ini). Prepared statements are per server connection, which
+    transaction mode swaps under the client: the statement cache is off there.
+    """
+    server_settings = {"application_name": "quart-service"}
+    if not settings.db_pgbouncer:
+        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
+    options: dict[str, Any] = {"server_settings": server_settings}
+    if settings.db_pgbouncer:
+        options["statement_cache_size"] = 0
+    return options
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     """Open the pool; connections carry a statement timeout so no query runs unbounded."""
     pool = await asyncpg.create_pool(
@@ -51,10 +69,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         timeout=settings.db_connect_timeout,
         init=installer(settings.slow_query_threshold),
         reset=_keep_session,
-        server_settings={
-            "application_name": "quart-service",
-            "statement_timeout": str(settings.db_statement_timeout_ms),
-        },
+        **connection_options(settings),
     )
     assert pool is not None
     return pool
@@ -105,9 +120,16 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied_now
 
 
+def migration_url(settings: Settings) -> str:
+    """Where migrations connect: PostgreSQL itself. Their advisory lock is a session lock,
+    which PgBouncer's transaction mode would release on another server connection (so the
+    settings refuse DB_PGBOUNCER without DATABASE_DIRECT_URL)."""
+    return settings.database_direct_url or settings.database_url
+
+
 async def migrate_database(settings: Settings) -> list[str]:
     """Connect once, migrate, disconnect: what ``python -m service migrate`` runs."""
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    conn = await asyncpg.connect(migration_url(settings), timeout=settings.db_connect_timeout)
     try:
         return await migrate(conn)
     finally:

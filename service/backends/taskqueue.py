@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -29,12 +29,23 @@ log = logging.getLogger(__name__)
 
 FUNCTION = "heavy_task"
 
-# KEYS: job, result, queue. ARGV: limit, payload, job expiry ms, score (enqueue time), id.
+# KEYS: job, result, queue, owner, the client's outstanding set.
+# ARGV: queue limit, payload, job expiry ms, score (enqueue time), id, owner, client limit,
+# owner ttl ms. The client's set holds its tasks still in the queue (arq keeps a job there
+# until it ends); ids that have left it are dropped first, so the set needs no worker's help.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return -1 end
+local client_limit = tonumber(ARGV[7])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  if not redis.call('ZSCORE', KEYS[3], id) then redis.call('ZREM', KEYS[5], id) end
+end
+if redis.call('ZCARD', KEYS[5]) >= client_limit then return -2 end
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
 redis.call('PSETEX', KEYS[1], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
 return 1
 """
 
@@ -68,6 +79,10 @@ class QueueFull(Exception):
     """The queue holds as many outstanding tasks as it may."""
 
 
+class ClientLimit(Exception):
+    """This client already has as many outstanding tasks as one client may."""
+
+
 class QueueUnavailable(Exception):
     """Redis did not answer; nothing was enqueued."""
 
@@ -87,6 +102,9 @@ class Task:
     enqueued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    # The API key's name that created it ("" when keys are off); None for a task whose owner
+    # record is gone. Never shown to clients.
+    owner: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         def stamp(value: datetime | None) -> str | None:
@@ -122,11 +140,15 @@ def _error_text(result: Any) -> str:
 
 def job_id_for(settings: Settings, idempotency_key: str | None, owner: str = "") -> str:
     """A fresh id, or the same id every time for the same Idempotency-Key from the same
-    ``owner`` (the API key's name): two clients choosing the same key get separate tasks."""
+    ``owner`` (the API key's name): two clients choosing the same key get separate tasks.
+
+    The idempotent id is an HMAC under ``TASK_ID_SECRET``, so no one can compute another
+    client's id from its key name and a guessed Idempotency-Key."""
     if idempotency_key is None:
         return uuid.uuid4().hex
-    digest = hashlib.sha256(f"{settings.redis_prefix}idem:{owner}:{idempotency_key}".encode())
-    return digest.hexdigest()[:32]
+    secret = settings.task_id_secret.get_secret_value().encode()
+    message = f"{settings.redis_prefix}\0{owner}\0{idempotency_key}".encode()
+    return hmac.new(secret, message, "sha256").hexdigest()[:32]
 
 
 class TaskQueue:
@@ -145,21 +167,40 @@ class TaskQueue:
 
     # -- submitting ---------------------------------------------------------------------
 
+    def owner_key(self, job_id: str) -> str:
+        return f"{self.settings.redis_prefix}task:owner:{job_id}"
+
+    def client_key(self, client: str) -> str:
+        return f"{self.settings.redis_prefix}task:client:{client}"
+
+    def watched_key(self, job_id: str) -> str:
+        return f"{self.settings.redis_prefix}task:watched:{job_id}"
+
     async def submit(
-        self, n: int, idempotency_key: str | None = None, owner: str = ""
+        self,
+        n: int,
+        idempotency_key: str | None = None,
+        owner: str = "",
+        client: str | None = None,
     ) -> tuple[Task, bool]:
         """Enqueue ``heavy_task(n)``; returns the task and whether it was created now.
 
-        Raises QueueFull past the limit, QueueUnavailable when Redis fails, and
-        IdempotencyConflict when the key was used for another ``n``.
+        ``owner`` (the API key's name) may read and abort it; ``client`` (the key, or the
+        address when keys are off) is held to ``TASK_CLIENT_LIMIT`` outstanding tasks.
+        Raises QueueFull past the queue's limit, ClientLimit past the client's,
+        QueueUnavailable when Redis fails, and IdempotencyConflict when the key was used for
+        another ``n``.
         """
         job_id = job_id_for(self.settings, idempotency_key, owner)
+        client = owner if client is None else client
         now_ms = int(time.time() * 1000)
         payload = serialize_job(FUNCTION, (n,), {}, None, now_ms, serializer=queue.dumps)
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
             self.queue_name,
+            self.owner_key(job_id),
+            self.client_key(client),
         ]
         args: list[bytes | str | int] = [
             self.settings.task_queue_limit,
@@ -167,6 +208,10 @@ class TaskQueue:
             JOB_EXPIRY_MS,
             now_ms,
             job_id,
+            owner,
+            self.settings.task_client_limit,
+            # The owner record outlives both the unstarted job and its result.
+            JOB_EXPIRY_MS + self.settings.task_result_ttl * 1000,
         ]
         try:
             outcome = await self._enqueue(keys=keys, args=args)
@@ -174,21 +219,23 @@ class TaskQueue:
             raise QueueUnavailable(str(error)) from error
         if outcome == -1:
             raise QueueFull()
+        if outcome == -2:
+            raise ClientLimit()
         try:
             task = await self.get(job_id)
         except (RedisError, OSError) as error:
             if outcome != 1:
                 raise QueueUnavailable(str(error)) from error
             # Enqueued, but Redis failed the read-back: the task is accepted, say so.
-            return self._just_queued(job_id, n, now_ms), True
+            return self._just_queued(job_id, n, now_ms, owner), True
         if task is None:  # finished and expired between the two calls: submit again
-            return await self.submit(n, idempotency_key, owner)
+            return await self.submit(n, idempotency_key, owner, client)
         if outcome == 0 and task.n != n:
             raise IdempotencyConflict()
         return task, outcome == 1
 
     @staticmethod
-    def _just_queued(job_id: str, n: int, enqueued_ms: int) -> Task:
+    def _just_queued(job_id: str, n: int, enqueued_ms: int, owner: str) -> Task:
         return Task(
             id=job_id,
             status="queued",
@@ -199,6 +246,7 @@ class TaskQueue:
             enqueued_at=_from_ms(enqueued_ms),
             started_at=None,
             finished_at=None,
+            owner=owner,
         )
 
     # -- reading --------------------------------------------------------------------------
@@ -211,7 +259,9 @@ class TaskQueue:
             pipe.get(queue.job_key_prefix + job_id)
             pipe.zscore(self.queue_name, job_id)
             pipe.get(queue.retry_key_prefix + job_id)
-            raw_result, running, raw_job, score, starts = await pipe.execute()
+            pipe.get(self.owner_key(job_id))
+            raw_result, running, raw_job, score, starts, raw_owner = await pipe.execute()
+        owner = raw_owner.decode() if raw_owner is not None else None
         if raw_result is not None:
             data = queue.loads(raw_result)
             ok = bool(data["s"])
@@ -225,6 +275,7 @@ class TaskQueue:
                 enqueued_at=_from_ms(data.get("et")),
                 started_at=_from_ms(data.get("st")),
                 finished_at=_from_ms(data.get("ft")),
+                owner=owner,
             )
         if raw_job is None or score is None:
             return None
@@ -239,7 +290,24 @@ class TaskQueue:
             enqueued_at=_from_ms(job.get("et")),
             started_at=None,
             finished_at=None,
+            owner=owner,
         )
+
+    async def watch(self, job_id: str) -> None:
+        """Note that a client asked for the task by id: it is no longer only its
+        ``/heavy-task`` waiter's, and is not aborted when that waiter goes."""
+        await self.redis.set(self.watched_key(job_id), "1", ex=self.settings.task_result_ttl)
+
+    async def abandon(self, job_id: str) -> bool:
+        """Abort the task of a ``/heavy-task`` waiter that went away, unless a client asked
+        for it by id meanwhile. Returns whether it was aborted."""
+        if await self.redis.exists(self.watched_key(job_id)):
+            return False
+        task = await self.get(job_id)
+        if task is None or task.status in ("complete", "failed"):
+            return False
+        await self.abort(task)
+        return True
 
     async def depth(self) -> int:
         """Outstanding tasks: queued or running (arq keeps a job in the queue until it ends)."""

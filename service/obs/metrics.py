@@ -5,8 +5,9 @@ memory would answer ``/metrics`` with whichever worker the scrape reached. prome
 multiprocess mode keeps every value in a small memory-mapped file in one shared folder, and a
 scrape sums the files. That mode has to be chosen before prometheus_client is first imported,
 so this module does it at import: ``PROMETHEUS_MULTIPROC_DIR`` if the operator set it, else,
-inside a Hypercorn worker (a spawned child process), a folder named after the Hypercorn master
-process (its pid and start time), which every sibling worker derives the same way. A process
+inside a Hypercorn worker (a spawned child process), a folder named after this user and the
+Hypercorn master process (its pid and start time), which every sibling worker derives the same
+way. Either folder must be private to this user (``private_dir``). A process
 that is not a child (tests, ``python -m workers``) keeps plain in-memory metrics.
 
 Every module that defines or updates metrics imports them from here, so this import comes first.
@@ -15,9 +16,11 @@ The cache code imports ``CACHE_HITS``, ``CACHE_MISSES`` and ``REDIS_ERRORS`` and
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -32,29 +35,63 @@ def _parent_start_time(pid: int) -> str:
         return "gone"
 
 
+class UnsafeMetricsDir(RuntimeError):
+    """The multiprocess metrics folder could be written by someone else."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can write: created 0700 if missing, else refused
+    unless it is a real folder (not a symlink) of this uid with no access for group or others.
+
+    The metrics files are opened by name inside it, so a folder another local user controls
+    would let them point those writes anywhere (a symlink planted in a shared /tmp).
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UnsafeMetricsDir(f"refusing metrics folder {path}: not a plain folder (a symlink?)")
+    if info.st_uid != os.geteuid():
+        raise UnsafeMetricsDir(
+            f"refusing metrics folder {path}: owned by uid {info.st_uid}, not {os.geteuid()}"
+        )
+    if info.st_mode & 0o077:
+        raise UnsafeMetricsDir(
+            f"refusing metrics folder {path}: mode {stat.S_IMODE(info.st_mode):o}, not 700"
+        )
+    return path
+
+
 def _remove_stale_dirs(base: Path) -> None:
-    """Folders of earlier runs whose Hypercorn master has exited (their values are history)."""
-    for folder in base.glob("quart-service-metrics-*-*"):
-        _, _, rest = folder.name.partition("quart-service-metrics-")
+    """This user's folders of earlier runs whose Hypercorn master has exited."""
+    for folder in base.glob(f"quart-service-metrics-{os.geteuid()}-*-*"):
+        _, _, rest = folder.name.partition(f"quart-service-metrics-{os.geteuid()}-")
         pid_text, _, started = rest.partition("-")
         if not pid_text.isdigit():
             continue
+        try:
+            private_dir(folder)
+        except (UnsafeMetricsDir, OSError):
+            continue  # not ours to remove
         if _parent_start_time(int(pid_text)) != started:  # exited, or the pid was reused
             shutil.rmtree(folder, ignore_errors=True)
 
 
 def _choose_multiprocess_dir() -> str | None:
+    # The entry point (``python -m service preflight``) makes one with mkdtemp before it
+    # execs Hypercorn, and every worker inherits it. Hypercorn started directly runs no code
+    # of ours in its master, so its workers derive one name from the master's pid and start
+    # time (and this uid); either way the folder must be private (see private_dir).
     explicit = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if explicit:
-        Path(explicit).mkdir(parents=True, exist_ok=True)
-        return explicit
+        return str(private_dir(Path(explicit)))
     if multiprocessing.parent_process() is None:
         return None
     parent = os.getppid()
     base = Path(tempfile.gettempdir())
     _remove_stale_dirs(base)
-    folder = base / f"quart-service-metrics-{parent}-{_parent_start_time(parent)}"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f"quart-service-metrics-{os.geteuid()}-{parent}-{_parent_start_time(parent)}"
+    folder = private_dir(base / name)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return str(folder)
 

@@ -29,7 +29,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.backends.db import SQL_DIR, load_queries
+from service.backends.db import SQL_DIR, connection_options, load_queries
 from service.config import Settings
 
 Status = Literal["pass", "warn", "fail"]
@@ -316,7 +316,9 @@ async def diagnose(
             checks.append(Check("event loop (worker)", "fail", f"no worker metrics: {error}"))
 
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=request_timeout)
+        conn = await asyncpg.connect(
+            settings.database_url, timeout=request_timeout, **connection_options(settings)
+        )
     except Exception as error:
         reason = f"PostgreSQL at DATABASE_URL does not answer ({type(error).__name__})"
         checks += [Check("indexes", "fail", reason), Check("connections", "fail", reason)]

@@ -20,13 +20,14 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from service.backends.db import migrate_database
+from service.backends.db import connection_options, migrate_database
 from service.config import Settings
 from service.obs.logs import configure_logging
 
@@ -52,7 +53,11 @@ def _reason(error: BaseException) -> str:
 
 async def _check_postgres(settings: Settings) -> None:
     async with asyncio.timeout(settings.db_connect_timeout + 1):
-        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+        conn = await asyncpg.connect(
+            settings.database_url,
+            timeout=settings.db_connect_timeout,
+            **connection_options(settings),
+        )
         try:
             await conn.fetchval("SELECT 1")
         finally:
@@ -123,4 +128,8 @@ def run(
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Made here, in what becomes Hypercorn's master, so every worker inherits one folder
+        # that no one else can have made first (mkdtemp: a random name, mode 0700).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quart-service-metrics-")
     os.execvp(command[0], command)  # noqa: S606 (the operator's own command, as given)

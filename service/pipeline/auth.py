@@ -42,6 +42,8 @@ METHOD_SCOPES: Mapping[str, str] = {
 }
 # Any method not in the table (TRACE, CONNECT, extensions) needs the strongest scope.
 OTHER_METHOD_SCOPE = "admin"
+# GET /heavy-task (the Flask route, kept as a GET) enqueues work like POST /tasks does.
+WRITE_PATHS = frozenset({"/heavy-task"})
 
 CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
 CORS_EXPOSED = ["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-ID"]
@@ -64,10 +66,12 @@ def required_scope(
     """
     if path in OPEN_PATHS:
         return None
-    if path in DOCS_PATHS:
+    if path in DOCS_PATHS or _at_or_under(path, "/docs"):
         return None if settings.docs_public else "admin"
     if any(_at_or_under(path, prefix) for prefix in ADMIN_PATH_PREFIXES):
         return "admin"
+    if path in WRITE_PATHS and method in ("GET", "HEAD"):
+        return "write"
     if (
         method == "OPTIONS"
         and settings.cors_allow_origins

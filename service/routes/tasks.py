@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from datetime import datetime
 from typing import Any
@@ -12,6 +14,7 @@ from quart_schema import document_headers, document_response, validate_querystri
 
 from service.backends.resources import settings
 from service.backends.taskqueue import (
+    ClientLimit,
     IdempotencyConflict,
     QueueFull,
     QueueUnavailable,
@@ -22,7 +25,11 @@ from service.errors import APIError, invalid
 from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
 from service.openapi import LocationHeader
 
+log = logging.getLogger(__name__)
+
 blueprint = Blueprint("tasks", __name__)
+# Aborts of abandoned tasks run after their request was cancelled: kept here until done.
+_abandoning: set[asyncio.Task[None]] = set()
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -97,12 +104,31 @@ def _idempotency_key() -> str | None:
     return key
 
 
+def _owner() -> str:
+    """Who the caller is, for ownership: its API key's name ("" when keys are off)."""
+    return g.get("api_key_name") or ""
+
+
+def _client() -> str:
+    """Who the caller is, for the per-client task limit: its key, else its address."""
+    name = g.get("api_key_name")
+    return f"key:{name}" if name else f"addr:{request.remote_addr or '-'}"
+
+
 async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
     retry_after = {"Retry-After": str(settings().task_retry_after)}
     try:
         # Idempotency-Keys are the client's own: scoped to its API key (none when open).
-        owner = g.get("api_key_name") or ""
-        task, created = await task_queue().submit(n, idempotency_key, owner)
+        task, created = await task_queue().submit(n, idempotency_key, _owner(), _client())
+    except ClientLimit:
+        TASKS_REFUSED.labels("client_limit").inc()
+        limit = settings().task_client_limit
+        raise APIError(
+            429,
+            f"This client already has {limit} outstanding tasks (TASK_CLIENT_LIMIT); "
+            "retry when one has ended.",
+            headers=retry_after,
+        ) from None
     except QueueFull:
         TASKS_REFUSED.labels("full").inc()
         raise APIError(
@@ -130,9 +156,15 @@ def _location(task: Task) -> dict[str, str]:
     return {"Location": f"/tasks/{task.id}"}
 
 
+def _visible(task: Task) -> bool:
+    # A task is its creator's; an admin key sees every task. Others are told it does not
+    # exist, so ids reveal nothing. With keys off everyone is the same (empty) owner.
+    return bool(g.get("api_key_admin", False)) or (task.owner or "") == _owner()
+
+
 async def _find(task_id: str) -> Task:
     task = await task_queue().get(task_id) if _TASK_ID.match(task_id) else None
-    if task is None:
+    if task is None or not _visible(task):
         raise APIError(404, f"No task with id {task_id!r} (results are kept for a limited time).")
     return task
 
@@ -154,7 +186,10 @@ async def create_task(data: NewTask) -> tuple[dict[str, Any], int, dict[str, str
 @document_response(TaskModel)
 async def get_task(task_id: str) -> dict[str, Any]:
     """A task's status (queued, running, complete, failed), result or error, and timestamps."""
-    return (await _find(task_id)).to_json()
+    task = await _find(task_id)
+    if task.status in ("queued", "running"):
+        await task_queue().watch(task_id)
+    return task.to_json()
 
 
 @blueprint.delete("/tasks/<task_id>")
@@ -178,12 +213,23 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
     """The Flask route: the sum of squares below n (default 10**7). The work runs on a worker;
     this waits for it (up to TASK_WAIT) without blocking, answering `{"result": ...}`, or 202
     with the task's Location when the wait runs out."""
+    if request.method == "HEAD":
+        # A HEAD would enqueue the work and throw its result away.
+        raise APIError(
+            405, "HEAD is not served here: it would run the task.", headers={"Allow": "GET"}
+        )
     n = query_args.n
     if "n" not in query_args.model_fields_set:
         n = min(n, settings().task_max_n)
     _check_n(n)
     task, _created = await _submit(n)
-    finished = await task_queue().wait(task.id, settings().task_wait)
+    try:
+        finished = await task_queue().wait(task.id, settings().task_wait)
+    except asyncio.CancelledError:
+        # The client went away while waiting: nobody will read this result, unless someone
+        # asked for the task by id meanwhile. Aborted off the cancelled request.
+        _abandon(task.id)
+        raise
     if finished is None:
         raise APIError(
             503,
@@ -201,3 +247,18 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
             task=finished.to_json(),
         )
     return finished.to_json(), 202, _location(finished)
+
+
+def _abandon(task_id: str) -> None:
+    queue = task_queue()
+
+    async def abort() -> None:
+        try:
+            if await queue.abandon(task_id):
+                log.info("aborted a task its waiter abandoned", extra={"task_id": task_id})
+        except Exception as error:  # Redis down: the task runs to its end, as before
+            log.warning("could not abort an abandoned task: %s", type(error).__name__)
+
+    job = asyncio.get_running_loop().create_task(abort())
+    _abandoning.add(job)
+    job.add_done_callback(_abandoning.discard)

@@ -32,6 +32,8 @@ SCOPES = {
 # A key lacking the scope named.
 WITHOUT = {"read": "writer", "write": "reader", "admin": "rw"}
 WITH = {"read": "reader", "write": "writer", "admin": "admin"}
+# Production requires TASK_ID_SECRET; any long value does for the tests.
+TEST_TASK_ID_SECRET = "a-task-id-secret-for-the-tests"
 
 
 def api_keys() -> str:
@@ -44,7 +46,12 @@ def bearer(name: str) -> dict[str, str]:
 
 def production(settings: Settings, **changes: Any) -> Settings:
     values = settings.model_dump()
-    values.update(environment="production", api_keys=api_keys(), docs_enabled=True)
+    values.update(
+        environment="production",
+        api_keys=api_keys(),
+        docs_enabled=True,
+        task_id_secret=TEST_TASK_ID_SECRET,
+    )
     values.update(changes)
     return load_settings(**values)
 
@@ -165,7 +172,8 @@ async def test_the_right_key_reaches_the_handler_and_gets_no_store(
         ("POST", "/users", (), "write"),
         ("PATCH", "/users/1", (), "write"),
         ("DELETE", "/tasks/abc", (), "write"),
-        ("GET", "/heavy-task", (), "read"),
+        ("GET", "/heavy-task", (), "write"),  # it enqueues work
+        ("HEAD", "/heavy-task", (), "write"),
         ("POST", "/tasks", (), "write"),
         ("GET", "/expensive-operation", (), "read"),
         ("GET", "/metrics", (), "admin"),
@@ -186,7 +194,9 @@ def test_the_scope_table(
     headers: tuple[str, ...],
     scope: str | None,
 ) -> None:
-    prod = load_settings(environment="production", api_keys=api_keys())
+    prod = load_settings(
+        environment="production", api_keys=api_keys(), task_id_secret=TEST_TASK_ID_SECRET
+    )
     assert auth.required_scope(method, path, frozenset(headers), prod) == scope
 
 
@@ -194,7 +204,7 @@ async def test_docs_are_off_in_production_unless_enabled_and_may_be_public(
     settings: Settings,
 ) -> None:
     values = settings.model_dump()
-    values.update(environment="production", api_keys=api_keys())
+    values.update(environment="production", api_keys=api_keys(), task_id_secret=TEST_TASK_ID_SECRET)
     async with create_app(load_settings(**values)).test_app() as test_app:
         client = test_app.test_client()
         for path in ("/docs", "/openapi.json"):

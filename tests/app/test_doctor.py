@@ -143,9 +143,14 @@ def test_doctor_flags_no_worker(settings: Settings) -> None:
 def test_doctor_reads_a_deployment_that_enforces_keys_with_an_admin_key(
     settings: Settings,
 ) -> None:
-    from tests.app.test_auth import KEYS, api_keys
+    from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys
 
-    locked = {"environment": "production", "api_keys": api_keys(), "docs_enabled": "true"}
+    locked = {
+        "environment": "production",
+        "api_keys": api_keys(),
+        "docs_enabled": "true",
+        "task_id_secret": TEST_TASK_ID_SECRET,
+    }
     with hypercorn(free_port(), settings_env(settings, **locked)) as (base_url, _):
         _, without = doctor(settings, base_url)
         _, with_key = doctor(settings, base_url, DOCTOR_API_KEY=KEYS["admin"])

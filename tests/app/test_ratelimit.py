@@ -7,7 +7,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings, load_settings
-from tests.app.test_auth import KEYS, api_keys, bearer, production
+from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
 from tests.conftest import free_port
 
 PROBLEM = "application/problem+json"
@@ -89,6 +89,7 @@ def test_rate_limit_settings_are_read_from_the_environment(
 ) -> None:
     monkeypatch.setenv("ENVIRONMENT", "production")
     monkeypatch.setenv("API_KEYS", api_keys())
+    monkeypatch.setenv("TASK_ID_SECRET", TEST_TASK_ID_SECRET)
     monkeypatch.setenv("RATE_LIMIT_WRITE", "7")
     monkeypatch.setenv("RATE_LIMIT_WINDOW", "10")
     loaded = load_settings()

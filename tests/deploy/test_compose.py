@@ -26,12 +26,39 @@ APP_SERVICES = ("api", "worker")
 OTHER_VARIABLES = {"HEALTHCHECK_URL"}
 
 
+# What an operator sets for each variable compose requires (${NAME:?error}).
+REQUIRED = {
+    "API_KEYS": TEST_API_KEYS,
+    "POSTGRES_PASSWORD": "pg-secret",
+    "REDIS_PASSWORD": "redis-secret",
+    "TASK_ID_SECRET": "a-task-id-secret-for-the-test",
+}
+
+
 def interpolate(value: str) -> str:
     """Compose's ${NAME:-default} with nothing set: the default; ${NAME:?error}, which compose
-    requires the operator to set: a value the code accepts (a test key for API_KEYS)."""
+    requires the operator to set: the value in REQUIRED."""
     value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
-    required = {"API_KEYS": TEST_API_KEYS}
-    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: required[m.group(1)], value)
+    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: REQUIRED[m.group(1)], value)
+
+
+def test_no_secret_falls_back_to_a_known_value() -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    # Every secret is required (${NAME:?...}); none has a default an attacker could know.
+    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "TASK_ID_SECRET", "API_KEYS"):
+        uses = re.findall(r"\$\{" + name + r"(:.)?", text)
+        assert uses, name
+        assert all(use == ":?" for use in uses), (name, uses)
+
+
+def test_redis_requires_the_password_the_app_sends() -> None:
+    redis = SERVICES["redis"]
+    command = " ".join(redis["command"])
+    assert '--requirepass "$$REDIS_PASSWORD"' in command
+    assert interpolate(redis["environment"]["REDIS_PASSWORD"]) == REQUIRED["REDIS_PASSWORD"]
+    for name in APP_SERVICES:
+        url = interpolate(SERVICES[name]["environment"]["REDIS_URL"])
+        assert urlsplit(url).password == REQUIRED["REDIS_PASSWORD"]
 
 
 def seconds(duration: str) -> float:

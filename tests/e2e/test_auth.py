@@ -16,7 +16,7 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from tests.app.test_auth import KEYS, api_keys, bearer, production
+from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
 from tests.conftest import free_port
 from tests.support.hypercorn import ROOT, hypercorn, output
 
@@ -34,6 +34,7 @@ def production_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {
         "ENVIRONMENT": "production",
         "API_KEYS": api_keys(),
+        "TASK_ID_SECRET": TEST_TASK_ID_SECRET,
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
         "REDIS_PREFIX": settings.redis_prefix,

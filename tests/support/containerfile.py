@@ -19,6 +19,7 @@ CONTAINERFILE = ROOT / "Containerfile"
 
 # The images set ENVIRONMENT=production, which refuses to start without API_KEYS.
 TEST_KEY = generate_key()
+TEST_TASK_ID_SECRET = "a-task-id-secret-for-the-deploy-tests"
 TEST_API_KEYS = key_entry("deploy-tests", TEST_KEY, SCOPES)
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
@@ -112,6 +113,7 @@ def host_env(stage: Stage, settings: Settings | None = None, **extra: str) -> di
         venv_bin = str(Path(sys.executable).parent)
         env[name] = value.replace("/opt/venv/bin", venv_bin).replace("$PATH", os.environ["PATH"])
     env["API_KEYS"] = TEST_API_KEYS
+    env["TASK_ID_SECRET"] = TEST_TASK_ID_SECRET
     if settings is not None:
         env["DATABASE_URL"] = settings.database_url
         env["REDIS_URL"] = settings.redis_url
