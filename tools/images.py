@@ -19,9 +19,9 @@ and how large it is; ``python -m tools.images base`` only makes sure the base im
 - **Labels:** ``org.opencontainers.image.{source,revision,version,created}`` from git and
   pyproject.toml (``IMAGE_SOURCE`` overrides the source when the clone has no ``origin``).
 
-Environment: ``PYTHON_IMAGE``, ``IMAGE_TAG`` (default ``latest``), ``IMAGE_SOURCE``,
-``DEBIAN_MIRROR`` (default ``http://deb.debian.org``), ``PIP_INDEX_URL``/``PIP_CERT`` as pip
-reads them.
+Environment: ``PYTHON_IMAGE``, ``IMAGE_TAG`` (default: the version; ``latest`` too),
+``IMAGE_SOURCE``, ``DEBIAN_MIRROR`` (default ``http://deb.debian.org``), ``PIP_INDEX_URL`` and
+``PIP_CERT`` as pip reads them.
 """
 
 from __future__ import annotations
@@ -67,9 +67,15 @@ def _say(message: str) -> None:
     print(f"[images] {message}", file=sys.stderr, flush=True)
 
 
+def version() -> str:
+    """The project's version (pyproject.toml): the images' tag and version label."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return str(project["version"])
+
+
 def image_name(target: str, tag: str | None = None) -> str:
-    """The local name the target's image is built under."""
-    return f"localhost/quart-service-{target}:{tag or os.environ.get('IMAGE_TAG', 'latest')}"
+    """The local name the target's image is built under (also tagged ``latest``)."""
+    return f"localhost/quart-service-{target}:{tag or os.environ.get('IMAGE_TAG') or version()}"
 
 
 def default_python_image() -> str:
@@ -312,6 +318,8 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, dict[str, float]]:
                 target,
                 "--tag",
                 name,
+                "--tag",
+                image_name(target, "latest"),
                 "--file",
                 str(CONTAINERFILE),
                 "--build-arg",

@@ -31,8 +31,10 @@ from tools.images import PODMAN, image_name, inspect, run_limits
 HYPERCORN = tomllib.loads((ROOT / "hypercorn.toml").read_text())
 GRACEFUL_TIMEOUT = HYPERCORN["graceful_timeout"]
 API, WORKER = image_name("api"), image_name("worker")
-# The API's multiprocess metrics folder: the one writable place on its read-only root.
-METRICS_DIR = "/tmp/prometheus"
+# The API's one writable place on its read-only root, a tmpfs; the multiprocess metrics folder
+# is made inside it by the app (0700, its uid: it refuses a folder others can write).
+METRICS_TMPFS = "/tmp/metrics"
+METRICS_DIR = f"{METRICS_TMPFS}/prometheus"
 JSON = {**AUTH, "Content-Type": "application/json"}
 
 
@@ -51,6 +53,7 @@ def container_env(settings: Settings, port: int) -> list[str]:
         "REDIS_URL": settings.redis_url,
         "REDIS_PREFIX": settings.redis_prefix,
         "API_KEYS": TEST_API_KEYS,
+        "TASK_ID_SECRET": "image-test-task-id-secret",
         "HEALTHCHECK_URL": f"http://127.0.0.1:{port}/healthz",
         "PROMETHEUS_MULTIPROC_DIR": METRICS_DIR,
         # Small jobs finish in well under a second; a few processes are plenty on 2 cores.
@@ -64,7 +67,7 @@ def running(image: str, settings: Settings, port: int, *command: str) -> Iterato
     """A detached container of ``image`` on the host network, its root read-only; removed
     afterwards. One tmpfs each: the API's multiprocess metrics folder; the worker's /tmp, where
     multiprocessing's forkserver (its compute pool) puts its socket."""
-    writable = "/tmp" if image == WORKER else METRICS_DIR
+    writable = "/tmp" if image == WORKER else METRICS_TMPFS
     name = f"image-test-{uuid.uuid4().hex[:8]}"
     podman(
         "run",
