@@ -1,14 +1,20 @@
 """``python -m workers``: run the arq worker. ``python -m workers health``: exit 0 only while a
-worker on this queue is alive (for a container health check)."""
+worker on this queue is alive and this container's worker is not stopping (for a container
+health check)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import signal
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from arq.worker import Worker
@@ -19,6 +25,18 @@ from service.config import ConfigError, Settings, load_settings
 from service.obs.logs import configure_logging
 
 log = logging.getLogger("workers")
+
+
+def stopping_marker(settings: Settings) -> Path:
+    """The file that says this worker has begun to stop, for as long as it finishes its jobs.
+
+    arq's health-check key in Redis is one per queue, shared by every worker on it, so it
+    cannot say that this one is leaving; the health command runs beside the worker (an exec
+    probe, in the same container and temp folder), so a file can. Named by uid and queue, so
+    workers of other users or queues on one host do not read each other's."""
+    queue_id = hashlib.sha256(queue.queue_name(settings).encode()).hexdigest()[:16]
+    name = f"quart-service-worker-{os.geteuid()}-{queue_id}.stopping"
+    return Path(tempfile.gettempdir()) / name
 
 
 async def _healthy(settings: Settings) -> bool:
@@ -42,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "health":
+        if stopping_marker(settings).exists():
+            print("worker stopping: finishing its jobs, taking no new ones")
+            return 1
         alive = asyncio.run(_healthy(settings))
         print("worker alive" if alive else "no live worker on this queue")
         return 0 if alive else 1
@@ -77,20 +98,59 @@ def run_until_stopped(settings: Settings) -> int:
     every Redis blip would need an outside supervisor to come back; this one waits (with
     backoff) and reconnects by itself. Jobs it was running are retried by arq.
     """
-    from redis.exceptions import RedisError
-
-    from .settings import start_metrics_server, worker_options
+    from .settings import start_metrics_server
 
     start_metrics_server(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     stopping = asyncio.Event()
+    marker = stopping_marker(settings)
+    marker.unlink(missing_ok=True)  # left by an earlier run in this container that was killed
+
+    def begin_stop() -> None:
+        # At once, before the running jobs finish: the health check fails from now on.
+        stopping.set()
+        with contextlib.suppress(OSError):
+            marker.touch()
+
+    try:
+        return _run_until_stopped(settings, loop, stopping, begin_stop)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _then(
+    first: Callable[[], None], handler: Callable[[signal.Signals], None], signum: int
+) -> None:
+    first()
+    handler(signal.Signals(signum))
+
+
+def _run_until_stopped(
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    stopping: asyncio.Event,
+    begin_stop: Callable[[], None],
+) -> int:
+    from redis.exceptions import RedisError
+
+    from .settings import worker_options
+
     delay = 0.5
     while True:
         worker = Worker(**worker_options(settings))
         # arq's own signal handler stops the worker; note it, so a signal that lands while a
         # failed worker closes is not taken for a Redis failure to recover from.
-        worker.on_stop = lambda _signum: stopping.set()
+        worker.on_stop = lambda _signum: begin_stop()
+        # With a completion wait, arq calls on_stop only once the running jobs are done: mark
+        # the stop when the signal lands, then hand it to the handler arq installed.
+        arq_handler = (
+            worker.handle_sig_wait_for_completion
+            if settings.worker_shutdown_grace
+            else worker.handle_sig
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _then, begin_stop, arq_handler, signum)
         try:
             worker.run()
             return 0  # arq returns once a signal has stopped it
@@ -101,7 +161,7 @@ def run_until_stopped(settings: Settings) -> int:
         finally:
             loop.run_until_complete(_discard(worker))
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
+            loop.add_signal_handler(signum, begin_stop)
         with contextlib.suppress(TimeoutError):
             loop.run_until_complete(asyncio.wait_for(stopping.wait(), delay))
         if stopping.is_set():

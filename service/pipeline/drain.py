@@ -18,6 +18,10 @@ Nothing is installed when Hypercorn runs the app in-process (``--workers 0``) or
 client, or when anything else already handles SIGTERM: there Hypercorn's own signal handlers
 already drain, and this must not replace them.
 
+Each worker also watches the supervisor's shutdown event and marks the app ``draining`` the
+moment it is set, so ``/readyz`` answers 503 to any probe still being answered while the
+in-flight requests finish (service/routes/health.py).
+
 Not done here: refusing new connections the instant the signal arrives. The supervisor keeps
 the listening socket open until the first worker has exited, so a client connecting in between
 waits in the kernel's backlog and is reset when the socket closes (before any byte of a
@@ -28,9 +32,11 @@ would also break Hypercorn's SIGHUP reload, which relies on that backlog for a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import signal
+from multiprocessing.synchronize import Event
 
 from quart import Quart
 
@@ -47,11 +53,40 @@ def _is_unguarded_hypercorn_worker() -> bool:
     )
 
 
+def _supervisor_shutdown_event() -> Event | None:
+    """The event Hypercorn's supervisor sets on SIGTERM (or SIGHUP), in one of its workers.
+
+    Hypercorn has no API for it. Its supervisor starts each worker with
+    ``Process(kwargs={"shutdown_event": ...})``, and multiprocessing rebuilds that Process
+    object in the child as ``current_process()``; its ``_kwargs`` hold the event."""
+    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None) or {}
+    event = kwargs.get("shutdown_event")
+    return event if isinstance(event, Event) else None
+
+
+def _mark_draining(app: Quart) -> None:
+    if not app.extensions.get("draining"):
+        app.extensions["draining"] = True
+        log.info("SIGTERM: finishing in-flight requests (graceful_timeout bounds it)")
+
+
+async def _watch_shutdown_event(app: Quart, event: Event) -> None:
+    # A multiprocessing event cannot be awaited: polled as often as Hypercorn's own worker
+    # polls it, so readiness fails as its drain starts.
+    while not event.is_set():  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    _mark_draining(app)
+
+
 def install_graceful_drain(app: Quart) -> None:
-    """Register the serving hook that makes this worker survive SIGTERM while it drains."""
+    """Register the serving hooks that mark the app draining when Hypercorn's drain starts and
+    make this worker survive SIGTERM while it drains."""
 
     @app.before_serving
     async def _drain_on_sigterm() -> None:
+        event = _supervisor_shutdown_event()
+        if event is not None:
+            app.extensions["drain_watch"] = asyncio.create_task(_watch_shutdown_event(app, event))
         if not _is_unguarded_hypercorn_worker():
             return
 
@@ -59,8 +94,14 @@ def install_graceful_drain(app: Quart) -> None:
             # Only note it. The drain itself is Hypercorn's, started by its supervisor's event.
             # Deliberately no kill(supervisor): the supervisor's handler takes a lock around
             # its shared event, and a second signal landing while it holds it deadlocks it.
-            if not app.extensions.get("draining"):
-                app.extensions["draining"] = True
-                log.info("SIGTERM: finishing in-flight requests (graceful_timeout bounds it)")
+            _mark_draining(app)
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, _on_sigterm)
+
+    @app.after_serving
+    async def _stop_watching() -> None:
+        watch: asyncio.Task[None] | None = app.extensions.pop("drain_watch", None)
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch

@@ -63,9 +63,13 @@ async def readyz() -> tuple[dict[str, Any], int]:
     Each check is bounded by `READINESS_TIMEOUT`. PostgreSQL failing makes the answer 503, since
     no user route can serve without it. Redis failing marks the service `degraded` but keeps it
     ready: the report is then computed without the cache and only task submission is refused.
+    Once the server has begun to drain (SIGTERM), the answer is 503 `draining`, so a load
+    balancer sends nothing new while the requests in flight finish.
     """
     postgres, redis_state = await asyncio.gather(_outcome(_check_postgres), _outcome(_check_redis))
     checks = {"postgres": postgres, "redis": redis_state}
+    if current_app.extensions.get("draining"):
+        return {"status": "draining", "checks": checks}, 503
     if postgres != "ok":
         return {"status": "unavailable", "checks": checks}, 503
     return {"status": "ok" if redis_state == "ok" else "degraded", "checks": checks}, 200

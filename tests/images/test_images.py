@@ -47,7 +47,7 @@ def podman(*args: str, timeout: float = 60, check: bool = True) -> str:
     return result.stdout.strip()
 
 
-def container_env(settings: Settings, port: int) -> list[str]:
+def container_env(image: str, settings: Settings, port: int) -> list[str]:
     env = {
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
@@ -55,10 +55,11 @@ def container_env(settings: Settings, port: int) -> list[str]:
         "API_KEYS": TEST_API_KEYS,
         "TASK_ID_SECRET": "image-test-task-id-secret",
         "HEALTHCHECK_URL": f"http://127.0.0.1:{port}/healthz",
-        "PROMETHEUS_MULTIPROC_DIR": METRICS_DIR,
         # Small jobs finish in well under a second; a few processes are plenty on 2 cores.
         "WORKER_PROCESSES": "2",
     }
+    if image == API:  # the worker is one process: in-memory metrics
+        env["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
     return [arg for item in env.items() for arg in ("--env", "=".join(item))]
 
 
@@ -84,7 +85,7 @@ def running(image: str, settings: Settings, port: int, *command: str) -> Iterato
         "--read-only-tmpfs=false",
         "--tmpfs",
         f"{writable}:rw,size=16m,mode=1777",
-        *container_env(settings, port),
+        *container_env(image, settings, port),
         image,
         *command,
     )
@@ -113,7 +114,9 @@ def wait_healthy(name: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while True:
         state = json.loads(podman("inspect", "--format", "{{json .State}}", name))
-        assert state["Running"], f"{name} exited: {podman('logs', name, check=False)[-2000:]}"
+        assert state["Running"], (
+            f"{name} exited: {state} {podman('logs', name, check=False)[-2000:]}"
+        )
         probe = subprocess.run(
             [*PODMAN, "healthcheck", "run", name], capture_output=True, timeout=30, check=False
         )
