@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check fmt migrate down clean bench soak doctor lock scale-out images image-test
+.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,18 @@ servers:
 test: $(VENV)/.installed servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## check: lint, format check, types
+## test-fast: tests/app without the tests marked slow (no processes started, no big tables);
+## under a minute. tests/conftest.py marks every other folder slow and fails an unmarked test
+## that starts a process.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests/app -m 'not slow' $(PYTEST_ARGS)
+
+## check: lint, format check, types, import contracts (pyproject.toml)
 check: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -47,7 +54,8 @@ down: $(VENV)/.installed
 ## BENCH_ARGS='--quick' for a smoke run
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
-## doctor: check the running service (DOCTOR_ARGS='--url http://host:port') against the five causes
+## doctor: check the running service (DOCTOR_ARGS='--url http://host:port'): server, event
+## loops, indexes, connections, Redis and the cache, the worker
 doctor: $(VENV)/.installed
 	$(PY) -m service doctor $(DOCTOR_ARGS)
 
@@ -70,10 +78,16 @@ image-test: $(VENV)/.installed
 scale-out: $(VENV)/.installed
 	$(PY) tools/scale_out.py
 
+## cluster-test: (as root) PostgreSQL, Redis, two APIs, two workers and HAProxy on network-namespace
+## hosts; each host failure in turn under mixed load; the per-fault table (bench/results/cluster-*.json)
+cluster-test: $(VENV)/.installed
+	sh tools/debian_packages.sh haproxy:haproxy curl:curl
+	$(PY) -m tools.cluster
+
 ## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
 ## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour
 soak: $(VENV)/.installed
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

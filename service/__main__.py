@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scopes", default="read", help=f"comma-separated, of {', '.join(SCOPES)} (default: read)"
     )
     doctor = commands.add_parser(
-        "doctor", help="check a running deployment against the five causes of slow requests"
+        "doctor",
+        help="check a running deployment: server, event loops, indexes, connections, Redis "
+        "and the cache, the worker",
     )
     doctor.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
     doctor.add_argument(
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         help="environment variable holding an admin API key, for a deployment that enforces keys "
         "(default: DOCTOR_API_KEY); a key is never taken on the command line, where ps shows it",
     )
-    # deployment: the containers' entry point (service/ops/preflight.py)
+    # the images' entry point (service/ops/preflight.py)
     preflight_parser = commands.add_parser(
         "preflight",
         help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",

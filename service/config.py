@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # On SIGTERM, running jobs get this long to finish before they are cut off (and retried).
     worker_shutdown_grace: int = Field(default=30, ge=0)
 
-    # --- access and abuse: API keys, docs exposure, CORS, rate limits (service/pipeline/auth.py,
+    # --- who may call what: API keys, docs exposure, CORS, rate limits (service/pipeline/auth.py,
     # service/pipeline/ratelimit.py) ---
     # Comma-separated `name:sha256hex:scope+scope` (scopes: read, write, admin); the hash is
     # the SHA-256 of the key. `python -m service keygen` prints a key and its entry. Required
@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     # The limiter gives up on Redis after this long and lets the request through.
     rate_limit_timeout: float = Field(default=0.25, gt=0)
 
-    # Observability (issue 7): blocking detection, slow queries, profiling, worker metrics.
+    # Observability: blocking detection, slow queries, profiling, worker metrics.
     # The event loop held longer than this (seconds) logs a warning with the blocking stack.
     loop_block_threshold: float = Field(default=0.1, gt=0, le=60)
     # Queries slower than this (seconds) are logged (name, duration, parameter count).

@@ -61,7 +61,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     ctx["task_timeout"] = settings.task_timeout
     WORKER_POOL_SIZE.set(size)
-    # Observability (issue 7): blocking detection on the worker's loop, its own metrics port.
+    # Blocking detection on the worker's loop; its metrics are served on their own port.
     ctx["loopwatch"] = LoopWatch(threshold=settings.loop_block_threshold)
     await ctx["loopwatch"].start()
     log.info("worker ready: %d compute processes, queue %s", size, queue.queue_name(settings))

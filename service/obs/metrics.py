@@ -62,10 +62,16 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def _dir_prefix() -> str:
+    # "uid<N>-" rather than a bare number: a process of another version of this service,
+    # which names folders "<pid>-<start>", must not read the uid as a dead master's pid.
+    return f"quart-service-metrics-uid{os.geteuid()}-"
+
+
 def _remove_stale_dirs(base: Path) -> None:
     """This user's folders of earlier runs whose Hypercorn master has exited."""
-    for folder in base.glob(f"quart-service-metrics-{os.geteuid()}-*-*"):
-        _, _, rest = folder.name.partition(f"quart-service-metrics-{os.geteuid()}-")
+    for folder in base.glob(f"{_dir_prefix()}*-*"):
+        _, _, rest = folder.name.partition(_dir_prefix())
         pid_text, _, started = rest.partition("-")
         if not pid_text.isdigit():
             continue
@@ -90,7 +96,7 @@ def _choose_multiprocess_dir() -> str | None:
     parent = os.getppid()
     base = Path(tempfile.gettempdir())
     _remove_stale_dirs(base)
-    name = f"quart-service-metrics-{os.geteuid()}-{parent}-{_parent_start_time(parent)}"
+    name = f"{_dir_prefix()}{parent}-{_parent_start_time(parent)}"
     folder = private_dir(base / name)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return str(folder)

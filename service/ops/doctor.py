@@ -1,15 +1,22 @@
-"""``python -m service doctor``: check a running deployment against the five causes of slow and
-failing requests, and print pass, warn or fail for each with the reason.
+"""``python -m service doctor``: check a running deployment for the usual causes of slow and
+failing requests, and print pass, warn or fail for each check with the reason.
 
 It reads the deployment's ``/metrics`` and ``/readyz`` (the base URL), and PostgreSQL and Redis
-directly (``DATABASE_URL``, ``REDIS_URL`` and ``REDIS_PREFIX`` as the deployment has them):
+directly (``DATABASE_URL``, ``REDIS_URL`` and ``REDIS_PREFIX`` as the deployment has them). The
+checks, in the order printed:
 
-1. server: served by Hypercorn, with workers sized to the CPUs;
-2. event loop: not blocked past LOOP_BLOCK_THRESHOLD recently (CPU work or blocking calls);
-3. indexes: the plan of every named query in ``sql/*.sql`` uses an index on the current data;
-4. connections: the live processes' pools fit PostgreSQL's ``max_connections``;
-5. redis and cache: Redis answers (here and for the service), the cache hit ratio;
-6. worker: an arq worker alive, and the queue depth against its limit.
+1. server: served by Hypercorn; warns on one worker for several CPUs, or over two per CPU;
+2. event loop: not blocked past LOOP_BLOCK_THRESHOLD within the window (CPU work or blocking
+   calls); with ``--worker-metrics-url``, the same for the worker's loop;
+3. indexes: every named query in ``sql/*.sql`` has an index to use (EXPLAIN with sequential
+   scans priced out); warns when the planner scans a table of 10 000+ rows on the current data;
+4. connections: the live processes' pools, at their maximum, fit PostgreSQL's
+   ``max_connections`` less the reserved ones; warns above 80 %;
+5. redis: Redis answers the doctor and the service (``/readyz``); warns on Redis errors or a
+   cache hit ratio under 50 %;
+6. worker: an arq worker alive on the queue; warns when the queue is 80 % of its limit.
+
+A check that cannot run (the URL or a database does not answer) fails, saying why.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from quart.typing import TestClientProtocol as Client
 from service.apikeys import generate_key, key_entry, parse_api_keys
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
+from service.errors import PROBLEM_JSON
 from service.pipeline import auth
 
-PROBLEM = "application/problem+json"
 HEALTH = {"/healthz", "/readyz"}
 
 # One key per scope set: a key "without the scope" for each scope, and one with them all.
@@ -116,7 +116,7 @@ async def test_every_route_but_the_health_checks_needs_the_right_key_in_producti
         assert anonymous.status_code == 401, (method, path)
         assert anonymous.headers["WWW-Authenticate"].startswith("Bearer"), (method, path)
         if method != "HEAD":
-            assert anonymous.content_type == PROBLEM
+            assert anonymous.content_type == PROBLEM_JSON
 
         wrong = await send(
             client, path, method, {**stop, "Authorization": f"Bearer {generate_key()}"}
@@ -127,7 +127,7 @@ async def test_every_route_but_the_health_checks_needs_the_right_key_in_producti
         lacking = await send(client, path, method, {**stop, **bearer(WITHOUT[scope])})
         assert lacking.status_code == 403, (method, path, scope)
         if method != "HEAD":
-            assert lacking.content_type == PROBLEM
+            assert lacking.content_type == PROBLEM_JSON
             assert scope in (await lacking.get_json())["detail"]
 
         right = await send(client, path, method, {**stop, **bearer(WITH[scope])})

@@ -260,6 +260,7 @@ async def test_a_redis_that_hangs_costs_a_bounded_wait_then_the_value_is_compute
     assert loader.runs == 1
 
 
+@pytest.mark.slow
 async def test_the_cache_goes_back_to_redis_by_itself_when_redis_returns(
     redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:

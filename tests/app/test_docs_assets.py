@@ -6,6 +6,8 @@ import re
 
 from quart.typing import TestClientProtocol as Client
 
+from service.errors import PROBLEM_JSON
+
 
 async def test_the_docs_page_loads_swagger_ui_from_the_service_itself(client: Client) -> None:
     page = await (await client.get("/docs")).get_data(as_text=True)
@@ -26,4 +28,4 @@ async def test_only_the_named_assets_are_served(client: Client) -> None:
     for path in ("/docs/assets/index.html", "/docs/assets/..%2Fpyproject.toml"):
         response = await client.get(path)
         assert response.status_code == 404
-        assert response.content_type == "application/problem+json"
+        assert response.content_type == PROBLEM_JSON

@@ -14,6 +14,7 @@ from contextlib import ExitStack, contextmanager
 
 import asyncpg
 import httpx
+import pytest
 
 from service.config import Settings
 from service.ops.doctor import parse_metrics
@@ -21,6 +22,8 @@ from tests.app.test_observe import value
 from tests.conftest import free_port
 from tests.support.hypercorn import ROOT, hypercorn
 from tests.support.worker_procs import settings_env, worker
+
+pytestmark = pytest.mark.slow  # each test runs Hypercorn, a worker and the doctor
 
 Rows = dict[str, tuple[str, str]]
 
@@ -114,7 +117,7 @@ def test_doctor_flags_a_blocking_route(settings: Settings) -> None:
 
 def test_doctor_flags_an_oversized_pool(settings: Settings) -> None:
     # Two workers x 60 connections: more than the 97 a default PostgreSQL lets clients open.
-    # The pools open one connection each now; the doctor reads what they may grow to.
+    # The pools open one connection each; the doctor reads what they may grow to.
     with deployment(settings, db_pool_min_size=1, db_pool_max_size=60) as base_url:
         code, rows = doctor(settings, base_url)
     assert code == 1

@@ -7,6 +7,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
+from service.errors import PROBLEM_JSON
 from tests.conftest import free_port
 
 
@@ -87,7 +88,7 @@ async def test_an_unexpected_error_is_a_500_problem_with_the_request_id_and_no_t
     async with app.test_app() as test_app:
         response = await test_app.test_client().get("/boom", headers={"X-Request-ID": "req-42"})
     assert response.status_code == 500
-    assert response.content_type == "application/problem+json"
+    assert response.content_type == PROBLEM_JSON
     text = await response.get_data(as_text=True)
     assert "secret internals" not in text
     assert "Traceback" not in text
@@ -109,6 +110,7 @@ def test_a_pool_minimum_above_its_maximum_stops_the_start_naming_both(
     assert "DB_POOL_MAX_SIZE" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_migrate_against_an_unreachable_database_says_which_variable() -> None:
     import os
     import subprocess

@@ -46,6 +46,7 @@ def test_a_symlinked_folder_is_refused_and_its_target_untouched(tmp_path: Path) 
     assert list(target.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_service_refuses_to_load_on_a_planted_folder_and_writes_nothing_through_it(
     tmp_path: Path,
 ) -> None:

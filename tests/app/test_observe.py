@@ -1,6 +1,6 @@
 """Metrics, blocking detection, slow queries, profiling and request ids, with the app's serving
 hooks running against real PostgreSQL and Redis (in this process: plain, non-multiprocess
-metrics; ``test_e2e_observe.py`` covers Hypercorn's worker processes)."""
+metrics; ``tests/e2e/test_observe.py`` covers Hypercorn's worker processes)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from service.obs.logs import RequestIdFilter
 from service.obs.loopwatch import LoopWatch, activity
 from service.ops.doctor import Samples, parse_metrics
@@ -101,12 +102,18 @@ async def test_a_blocking_route_is_reported_with_its_stack(
     before = value(await scrape(blocking_client), "event_loop_blocked_total")
     response = await blocking_client.get("/block", headers={"X-Request-ID": "blocker-1"})
     assert response.status_code == 200
-    reports = [r for r in caplog.records if r.name == "service.obs.loopwatch"]
-    assert reports, "no blocking reported"
+    # On a busy machine the loop can also be held past the threshold elsewhere (a test's
+    # setup, a callback): the report that matters is the one whose stack is the handler's.
+    reports = [
+        r
+        for r in caplog.records
+        if r.name == "service.obs.loopwatch"
+        and "deliberately_blocking_handler" in getattr(r, "stack", "")
+    ]
+    assert reports, "no blocking reported in the handler"
     report = reports[0]
     assert report.blocked_by == "GET /block (request blocker-1)"  # type: ignore[attr-defined]
     stack: str = report.stack  # type: ignore[attr-defined]
-    assert "deliberately_blocking_handler" in stack
     assert "time.sleep(0.5)" in stack
     after = await scrape(blocking_client)
     assert value(after, "event_loop_blocked_total") - before >= 1
@@ -192,7 +199,7 @@ async def test_a_wrong_profiling_token_is_served_as_usual_and_reveals_nothing(
     ):
         response = await http.get("/users/7", headers=headers)
         assert response.status_code == 404
-        assert response.content_type == "application/problem+json"
+        assert response.content_type == PROBLEM_JSON
         text = (await response.get_data(as_text=True)).lower() + str(response.headers).lower()
         assert "profil" not in text
         assert "pyinstrument" not in text
@@ -247,7 +254,7 @@ async def test_with_keys_only_an_admin_key_is_profiled_and_others_learn_nothing(
         as_reader = await client.get("/users/7", headers={**token, **bearer("reader")})
         as_all = await client.get("/users/7", headers={**token, **bearer("all")})
     assert as_reader.status_code == 404
-    assert as_reader.content_type == "application/problem+json"
+    assert as_reader.content_type == PROBLEM_JSON
     assert "profil" not in (await as_reader.get_data(as_text=True)).lower()
     assert as_all.status_code == 200
     assert "pyinstrument" in (await as_all.get_data(as_text=True)).lower()

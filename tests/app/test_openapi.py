@@ -9,8 +9,7 @@ from quart.typing import TestClientProtocol as Client
 from service.apikeys import generate_key, key_entry
 from service.app import create_app
 from service.config import Settings
-
-PROBLEM = "application/problem+json"
+from service.errors import PROBLEM_JSON
 
 
 async def description(client: Client) -> dict[str, Any]:
@@ -28,7 +27,7 @@ async def test_every_operation_documents_its_problem_responses(client: Client) -
             if path in ("/healthz", "/readyz"):
                 continue
             for status in ("401", "403", "429", "503"):
-                assert PROBLEM in responses[status]["content"], (method, path, status)
+                assert PROBLEM_JSON in responses[status]["content"], (method, path, status)
             if "{" in path:
                 assert "404" in responses, (method, path)
             if method in ("post", "patch"):

@@ -7,10 +7,9 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings, load_settings
+from service.errors import PROBLEM_JSON
 from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
 from tests.conftest import free_port
-
-PROBLEM = "application/problem+json"
 
 
 def limited(settings: Settings, **changes: object) -> Settings:
@@ -29,7 +28,7 @@ async def test_one_abusive_key_gets_429s_while_another_is_served(settings: Setti
         over = await client.get("/users", headers=bearer("reader"))
         assert statuses == [200, 200, 200]
         assert over.status_code == 429
-        assert over.content_type == PROBLEM
+        assert over.content_type == PROBLEM_JSON
         body = await over.get_json()
         assert body["status"] == 429
         retry_after = int(over.headers["Retry-After"])

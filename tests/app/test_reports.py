@@ -9,11 +9,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
 from tests.conftest import free_port
 from tests.support.hypercorn import hypercorn
@@ -109,6 +111,7 @@ async def test_a_miss_is_stored_then_hits_serve_the_same_report(
     assert 540 <= ttl <= 600  # CACHE_TTL 600 less at most 10 % jitter
 
 
+@pytest.mark.slow
 async def test_a_stampede_of_100_concurrent_cold_requests_computes_the_report_once(
     client: Client, settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
 ) -> None:
@@ -123,6 +126,7 @@ async def test_a_stampede_of_100_concurrent_cold_requests_computes_the_report_on
     assert await computations(redis_cleanup, settings) == 1
 
 
+@pytest.mark.slow
 async def test_two_api_processes_sharing_one_cold_key_compute_it_once(
     settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
 ) -> None:
@@ -174,6 +178,7 @@ async def test_with_redis_down_the_report_is_still_served_and_readyz_says_degrad
     assert (await ready.get_json())["status"] == "degraded"
 
 
+@pytest.mark.slow
 async def test_the_signups_window_is_read_through_the_created_at_index(
     db: asyncpg.Connection,
 ) -> None:
@@ -186,6 +191,7 @@ async def test_the_signups_window_is_read_through_the_created_at_index(
     assert "users_created_at_idx" in json.dumps(plan), plan
 
 
+@pytest.mark.slow
 async def test_a_client_that_disconnects_mid_computation_leaves_the_right_value_and_no_lock(
     settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
 ) -> None:
@@ -218,6 +224,7 @@ async def test_a_client_that_disconnects_mid_computation_leaves_the_right_value_
     assert await computations(redis_cleanup, settings) == 1
 
 
+@pytest.mark.slow
 async def test_the_route_serves_through_a_redis_restart_and_caches_again_by_itself(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
@@ -245,6 +252,7 @@ async def test_the_route_serves_through_a_redis_restart_and_caches_again_by_itse
             assert (await (await http.get("/readyz")).get_json())["status"] == "ok"
 
 
+@pytest.mark.slow
 async def test_a_report_over_the_statement_timeout_is_a_503_problem_and_nothing_is_cached(
     settings: Settings, db: asyncpg.Connection, redis_cleanup: aioredis.Redis
 ) -> None:
@@ -254,7 +262,7 @@ async def test_a_report_over_the_statement_timeout_is_a_503_problem_and_nothing_
         response = await test_app.test_client().get(PATH)
         spec = await (await test_app.test_client().get("/openapi.json")).get_json()
     assert response.status_code == 503
-    assert response.content_type == "application/problem+json"
+    assert response.content_type == PROBLEM_JSON
     assert response.headers["Retry-After"] == "5"
     assert not await redis_cleanup.exists(
         f"{settings.redis_prefix}cache:{REPORT_CACHE_KEY}:v{REPORT_VERSION}"

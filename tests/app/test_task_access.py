@@ -16,6 +16,7 @@ from service.app import create_app
 from service.backends import queue_contract as queue
 from service.backends.taskqueue import job_id_for
 from service.config import ConfigError, Settings, load_settings
+from service.errors import PROBLEM_JSON
 
 KEYS = {name: generate_key() for name in ("alice", "bob", "root", "viewer")}
 SCOPES = {
@@ -59,7 +60,7 @@ async def test_a_task_is_read_and_aborted_only_by_its_owner_or_an_admin(prod: Cl
             await prod.delete(f"/tasks/{task_id}", headers=as_(other)),
         ):
             assert refused.status_code == 404, (owner, other)
-            assert refused.content_type == "application/problem+json"
+            assert refused.content_type == PROBLEM_JSON
         # The other client's abort did nothing: the task is still queued for its owner.
         mine = await prod.get(f"/tasks/{task_id}", headers=as_(owner))
         assert mine.status_code == 200
@@ -132,7 +133,7 @@ async def test_one_client_is_held_to_its_task_limit_and_others_are_not(
             ids.append((await response.get_json())["id"])
         refused = await client.post("/tasks", json={"n": 10}, headers=as_("alice"))
         assert refused.status_code == 429
-        assert refused.content_type == "application/problem+json"
+        assert refused.content_type == PROBLEM_JSON
         assert "Retry-After" in refused.headers
         assert (await client.post("/tasks", json={"n": 10}, headers=as_("bob"))).status_code == 202
         # A task that ended (here: aborted while queued) frees its client's slot.

@@ -17,10 +17,10 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends import queue_contract as queue
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from tests.support.hypercorn import ROOT
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
 
-PROBLEM = "application/problem+json"
 HUGE = 10**8  # the largest n allowed, about ten seconds of CPU: only run to be timed out or aborted
 
 
@@ -60,6 +60,7 @@ async def submit(client: Client, n: int, **headers: str) -> Any:
     return await client.post("/tasks", json={"n": n}, headers=headers)
 
 
+@pytest.mark.slow
 async def test_a_task_runs_on_the_worker_and_its_big_result_comes_back_exact(
     client: Client, settings: Settings
 ) -> None:
@@ -79,6 +80,7 @@ async def test_a_task_runs_on_the_worker_and_its_big_result_comes_back_exact(
     assert done["enqueued_at"] <= done["started_at"] <= done["finished_at"]
 
 
+@pytest.mark.slow
 async def test_heavy_task_keeps_the_flask_contract(client: Client, settings: Settings) -> None:
     with worker(settings):
         small = await client.get("/heavy-task", query_string={"n": "1000"})
@@ -90,6 +92,7 @@ async def test_heavy_task_keeps_the_flask_contract(client: Client, settings: Set
     assert (await default.get_json())["result"] == exact(10**7)
 
 
+@pytest.mark.slow
 async def test_heavy_task_answers_202_with_location_when_the_wait_runs_out(
     make_client: ClientFactory, settings: Settings
 ) -> None:
@@ -102,6 +105,7 @@ async def test_heavy_task_answers_202_with_location_when_the_wait_runs_out(
             await client.delete(f"/tasks/{task['id']}")
 
 
+@pytest.mark.slow
 async def test_a_timed_out_job_is_ended_and_frees_the_cpu_for_the_next(
     client: Client, settings: Settings
 ) -> None:
@@ -118,18 +122,20 @@ async def test_a_timed_out_job_is_ended_and_frees_the_cpu_for_the_next(
     assert done["result"] == exact(1000)
 
 
+@pytest.mark.slow
 async def test_heavy_task_that_times_out_is_a_504_problem(
     client: Client, settings: Settings
 ) -> None:
     with worker(settings, task_timeout=0.5, worker_processes=1):
         response = await client.get("/heavy-task", query_string={"n": str(HUGE)})
     assert response.status_code == 504
-    assert response.content_type == PROBLEM
+    assert response.content_type == PROBLEM_JSON
     body = await response.get_json()
     assert body["task"]["status"] == "failed"
     assert response.headers["Location"] == f"/tasks/{body['task']['id']}"
 
 
+@pytest.mark.slow
 async def test_aborting_a_running_task_stops_its_computation(
     client: Client, settings: Settings
 ) -> None:
@@ -146,9 +152,10 @@ async def test_aborting_a_running_task_stops_its_computation(
     assert done["status"] == "complete"
     again = await client.delete(f"/tasks/{huge['id']}")
     assert again.status_code == 409
-    assert again.content_type == PROBLEM
+    assert again.content_type == PROBLEM_JSON
 
 
+@pytest.mark.slow
 async def test_aborting_a_queued_task_fails_it_at_once_and_frees_its_place(
     client: Client, redis_cleanup: aioredis.Redis, settings: Settings
 ) -> None:
@@ -179,7 +186,7 @@ async def test_idempotency_key_returns_the_same_task(
     assert await redis_cleanup.zcard(queue.queue_name(settings)) == 2
     reused = await submit(client, 999, **{"Idempotency-Key": "order-17"})
     assert reused.status_code == 422
-    assert reused.content_type == PROBLEM
+    assert reused.content_type == PROBLEM_JSON
     bad_key = await submit(client, 1, **{"Idempotency-Key": "x" * 300})
     assert bad_key.status_code == 422
 
@@ -193,7 +200,7 @@ async def test_the_queue_never_grows_past_its_limit(
         assert statuses == [202] * 5 + [503] * 15
         refused = next(r for r in responses if r.status_code == 503)
         assert refused.headers["Retry-After"] == "7"
-        assert refused.content_type == PROBLEM
+        assert refused.content_type == PROBLEM_JSON
         heavy = await client.get("/heavy-task", query_string={"n": "10"})
         assert heavy.status_code == 503
         assert heavy.headers["Retry-After"] == "7"
@@ -207,14 +214,14 @@ async def test_the_queue_never_grows_past_its_limit(
 async def test_bad_n_is_422(client: Client, body: dict[str, Any]) -> None:
     response = await client.post("/tasks", json=body)
     assert response.status_code == 422
-    assert response.content_type == PROBLEM
+    assert response.content_type == PROBLEM_JSON
 
 
 @pytest.mark.parametrize("n", ["0", "-1", "abc", "1.5", str(10**8 + 1)])
 async def test_bad_heavy_task_n_is_422(client: Client, n: str) -> None:
     response = await client.get("/heavy-task", query_string={"n": n})
     assert response.status_code == 422
-    assert response.content_type == PROBLEM
+    assert response.content_type == PROBLEM_JSON
 
 
 @pytest.mark.parametrize("task_id", ["0" * 32, "not-a-task", "../../etc", "A" * 32])
@@ -224,9 +231,10 @@ async def test_unknown_or_malformed_task_id_is_404(client: Client, task_id: str)
         await client.delete(f"/tasks/{task_id}"),
     ):
         assert response.status_code == 404
-        assert response.content_type == PROBLEM
+        assert response.content_type == PROBLEM_JSON
 
 
+@pytest.mark.slow
 async def test_the_worker_loop_stays_free_while_a_job_computes(
     client: Client, settings: Settings
 ) -> None:
@@ -239,6 +247,7 @@ async def test_the_worker_loop_stays_free_while_a_job_computes(
         await client.delete(f"/tasks/{huge['id']}")
 
 
+@pytest.mark.slow
 async def test_a_job_cut_off_by_shutdown_is_retried_and_completes_once(
     client: Client, settings: Settings
 ) -> None:
@@ -260,6 +269,7 @@ async def test_a_job_cut_off_by_shutdown_is_retried_and_completes_once(
     assert done["tries"] == 2
 
 
+@pytest.mark.slow
 async def test_shutdown_lets_a_running_job_finish_within_the_grace_time(
     client: Client, settings: Settings
 ) -> None:
@@ -276,6 +286,7 @@ async def test_shutdown_lets_a_running_job_finish_within_the_grace_time(
     assert done["tries"] == 1
 
 
+@pytest.mark.slow
 def test_health_command_tells_whether_a_worker_lives(settings: Settings) -> None:
     env = settings_env(settings)
 
@@ -301,7 +312,7 @@ def test_health_command_tells_whether_a_worker_lives(settings: Settings) -> None
 async def test_a_task_max_n_below_the_default_lowers_heavy_task_default_n(
     make_client: ClientFactory,
 ) -> None:
-    # With TASK_MAX_N under 10**7, /heavy-task without n used to refuse its own default (422).
+    # With TASK_MAX_N under the default n (10**7), /heavy-task without n computes TASK_MAX_N.
     async with make_client(task_max_n=1000, task_wait=0) as client:
         response = await client.get("/heavy-task")
         assert response.status_code == 202, await response.get_data()

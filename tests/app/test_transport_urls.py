@@ -96,6 +96,7 @@ def redis_with_password(tmp_path: Path) -> Iterator[tuple[int, str]]:
         process.wait(timeout=10)
 
 
+@pytest.mark.slow
 async def test_the_app_authenticates_to_redis_with_the_password_in_the_url(
     settings: Settings, redis_with_password: tuple[int, str]
 ) -> None:

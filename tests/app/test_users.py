@@ -9,9 +9,8 @@ import asyncpg
 import pytest
 from quart.typing import TestClientProtocol as Client
 
+from service.errors import PROBLEM_JSON
 from service.routes.users import encode_cursor
-
-PROBLEM = "application/problem+json"
 
 
 async def make_user(client: Client, email: str, name: str = "Ada") -> dict[str, Any]:
@@ -23,7 +22,7 @@ async def make_user(client: Client, email: str, name: str = "Ada") -> dict[str, 
 
 async def assert_problem(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, await response.get_data()
-    assert response.content_type == PROBLEM
+    assert response.content_type == PROBLEM_JSON
     body: dict[str, Any] = await response.get_json()
     assert body["status"] == status
     assert body["title"]
@@ -222,7 +221,7 @@ async def test_a_body_that_is_not_utf8_is_a_400_not_a_500(client: Client) -> Non
 async def test_a_nul_character_is_a_422_not_a_database_error(
     client: Client, method: str, path: str, payload: dict[str, Any]
 ) -> None:
-    # PostgreSQL text cannot hold NUL: it used to reach the database and come back as a 500.
+    # PostgreSQL text cannot hold NUL: it must be refused before it reaches the database.
     await assert_problem(await client.open(path, method=method, **payload), 422)
 
 
@@ -244,7 +243,7 @@ async def test_patch_without_a_body_or_with_nulls_is_422_as_the_description_says
 async def test_a_name_of_whitespace_only_is_422_as_the_description_says(
     client: Client, name: str
 ) -> None:
-    # A non-breaking space used to pass the description's minLength and fail the strip.
+    # A non-breaking space counts for the description's minLength but is stripped: refuse it.
     await assert_problem(await client.post("/users", json={"email": "a@b.com", "name": name}), 422)
 
 

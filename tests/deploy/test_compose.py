@@ -109,8 +109,6 @@ def test_health_checks_are_the_images_own_and_their_modules_exist(name: str) -> 
     assert test[0] == "CMD"
     assert test[1:] == healthcheck_command(STAGES[name])
     module = test[3]
-    if module == "workers" and not (ROOT / "workers" / "__main__.py").exists():
-        pytest.skip("the arq worker (workers/__main__.py) lands separately")
     assert importlib.util.find_spec(module) is not None
     for dependency, condition in SERVICES[name]["depends_on"].items():
         assert dependency in SERVICES

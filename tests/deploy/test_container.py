@@ -32,7 +32,6 @@ from tests.support.containerfile import (
 from tests.support.hypercorn import ROOT, wait_until_serving
 
 LOCK = ROOT / "requirements.lock"
-WORKERS_MAIN = ROOT / "workers" / "__main__.py"
 
 
 def test_containerfile_is_multi_stage_from_a_pinned_base() -> None:
@@ -169,9 +168,6 @@ def test_api_image_command_serves_on_the_host(settings: Settings, port: int) -> 
     assert users_line["request_id"] == response.headers["x-request-id"]
 
 
-@pytest.mark.skipif(
-    not WORKERS_MAIN.exists(), reason="the arq worker (workers/__main__.py) lands separately"
-)
 def test_worker_image_command_runs_on_the_host_and_reports_healthy(settings: Settings) -> None:
     worker = STAGES["worker"]
     command = [*exec_form(worker.last("ENTRYPOINT")), *exec_form(worker.last("CMD"))]

@@ -16,6 +16,7 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
 from tests.conftest import free_port
 from tests.support.hypercorn import ROOT, hypercorn, output
@@ -68,7 +69,7 @@ async def test_two_api_processes_share_the_limit_and_log_no_secret(settings: Set
                 response = await http.get("/users", params=lookup, headers=bearer("reader"))
                 statuses.append(response.status_code)
             assert statuses == [200] * 6 + [429] * 2
-            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["content-type"] == PROBLEM_JSON
             assert int(response.headers["retry-after"]) >= 1
             assert response.headers["ratelimit-policy"] == '"read";q=6;w=60'
 

@@ -7,6 +7,7 @@ import asyncio
 import httpx
 
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from tests.support.hypercorn import hypercorn
 from tests.support.worker_procs import settings_env
 
@@ -35,16 +36,14 @@ async def test_users_routes_over_http_under_hypercorn(settings: Settings, port: 
             )
             assert sorted(r.status_code for r in racers) == [201] + [409] * 9
             assert all(
-                r.headers["content-type"] == "application/problem+json"
-                for r in racers
-                if r.status_code == 409
+                r.headers["content-type"] == PROBLEM_JSON for r in racers if r.status_code == 409
             )
 
             bad = await http.post(
                 "/users", content=b"{", headers={"content-type": "application/json"}
             )
             assert bad.status_code == 400
-            assert bad.headers["content-type"] == "application/problem+json"
+            assert bad.headers["content-type"] == PROBLEM_JSON
 
             too_big = await http.post("/users", content=b"x" * 100_000)
             assert too_big.status_code == 413

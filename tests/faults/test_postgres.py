@@ -11,6 +11,7 @@ import asyncpg
 import httpx
 
 from service.backends.db import migrate
+from service.errors import PROBLEM_JSON
 from tests.support.hypercorn import hypercorn, output
 from tools.private_servers import private_postgres
 
@@ -41,7 +42,7 @@ async def test_postgres_restart_under_load_costs_503s_not_500s_and_recovers(port
                 statuses[response.status_code] += 1
                 if response.status_code == 503 and (
                     response.headers.get("retry-after") is None
-                    or response.headers["content-type"] != "application/problem+json"
+                    or response.headers["content-type"] != PROBLEM_JSON
                 ):
                     bad.append(response.text)
                 await asyncio.sleep(0.005)

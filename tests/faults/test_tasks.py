@@ -15,6 +15,7 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from service.config import Settings
+from service.errors import PROBLEM_JSON
 from tests.app.test_tasks import exact, submit, wait_for_status
 from tests.conftest import free_port
 from tests.support.hypercorn import hypercorn, output
@@ -75,7 +76,7 @@ async def _mixed_load(
                 statuses[name][response.status_code] += 1
                 if response.status_code == 503:
                     assert "retry-after" in response.headers
-                    assert response.headers["content-type"] == "application/problem+json"
+                    assert response.headers["content-type"] == PROBLEM_JSON
                 await asyncio.sleep(0.01)
 
         await asyncio.gather(*(one(name) for name in requests))
