@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out cluster-test
+.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,16 @@ lock: $(VENV)/.installed
 	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
 		--generate-hashes --quiet --output-file requirements.lock
 
+## images: build the API and worker images with Buildah (installed from Debian if missing); the
+## base is PYTHON_IMAGE if it can be pulled, else one made from Debian packages (tools/images.py)
+images: $(VENV)/.installed
+	$(PY) -m tools images
+
+## image-test: run the built images with podman against this machine's PostgreSQL and Redis
+## (tests/images/; `make images` first)
+image-test: $(VENV)/.installed
+	$(PY) -m pytest tests/images $(PYTEST_ARGS)
+
 ## scale-out: two APIs and two workers on one machine, sharing PostgreSQL and Redis
 ## (SCALE_OUT_ARGS='--tasks 4 --n 100000' for a shorter run)
 scale-out: $(VENV)/.installed
@@ -74,7 +84,7 @@ scale-out: $(VENV)/.installed
 ## hosts; each host failure in turn under mixed load; the per-fault table (bench/results/cluster-*.json)
 cluster-test: $(VENV)/.installed
 	sh tools/debian_packages.sh haproxy:haproxy curl:curl
-	$(PY) -m tools.cluster
+	$(PY) -m tools cluster-test
 
 ## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
 ## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour

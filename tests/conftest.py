@@ -24,6 +24,18 @@ from service.obs import tracing
 from tools.devstack import ensure_services, with_search_path
 from tools.private_servers import free_port
 
+IMAGES_TESTS = Path(__file__).parent / "images"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/images/ needs the built images (`make images`) and runs only when named
+    (`make image-test`): a plain `pytest` or `make test` leaves it out instead of failing."""
+    if collection_path != IMAGES_TESTS:
+        return None
+    named = (config.invocation_params.dir / arg.split("::")[0] for arg in config.args)
+    return not any(path.resolve().is_relative_to(IMAGES_TESTS) for path in named)
+
+
 APP_TESTS = Path(__file__).parent / "app"
 
 

@@ -33,7 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "scale-out", help="two APIs and two workers sharing PostgreSQL and Redis (make scale-out)"
     )
+    commands.add_parser("images", help="build the API and worker images (make images)")
+    commands.add_parser(
+        "cluster-test", help="the many-host run over network namespaces (make cluster-test)"
+    )
     given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["images"]:
+        from tools.images import main as images_main
+
+        return images_main(["build", *given[1:]])
+    if given[:1] == ["cluster-test"]:
+        from tools.cluster import main as cluster_main
+
+        return cluster_main(given[1:])
     if given[:1] == ["scale-out"]:
         # Handed over whole (argparse's REMAINDER refuses a first argument that is an
         # option); imported only here, since it needs the test dependencies (httpx).

@@ -1,16 +1,19 @@
 """``python -m workers``: run the arq worker. ``python -m workers health [--pid PID]``: exit 0
-only while this host's workers on this queue (or the one with PID) are alive, for a container
-health check."""
+only while this host's workers on this queue (or the one with PID) are alive and none of them
+has begun to stop, for a container health check."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -48,6 +51,32 @@ async def _healthy(settings: Settings, pid: int | None) -> tuple[bool, str]:
     return True, f"worker(s) {', '.join(sorted(here))} alive"
 
 
+def stopping_marker(settings: Settings) -> Path:
+    """The file that says a worker here has begun to stop, while it finishes its jobs.
+
+    A stopping worker still renews its health key (its jobs are running), so the key cannot
+    say it is leaving; the health command runs beside the worker (an exec probe, in the same
+    container and temp folder), so a file can. Named by uid and queue, so workers of other
+    users or queues on one host do not read each other's."""
+    queue_id = hashlib.sha256(queue.queue_name(settings).encode()).hexdigest()[:16]
+    name = f"quart-service-worker-{os.geteuid()}-{queue_id}.stopping"
+    return Path(tempfile.gettempdir()) / name
+
+
+class _Stopping(asyncio.Event):
+    """The stop event, which also leaves the marker the moment it is set."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def set(self) -> None:
+        if not self.is_set():
+            with contextlib.suppress(OSError):
+                self.marker.touch()
+        super().set()
+
+
 def _running(pid: int) -> bool:
     """Whether a process with this pid exists here (whoever owns it)."""
     try:
@@ -76,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "health":
+        if stopping_marker(settings).exists():
+            print("worker stopping: finishing its jobs, taking no new ones")
+            return 1
         alive, summary = asyncio.run(_healthy(settings, args.pid))
         print(summary)
         return 0 if alive else 1
@@ -97,17 +129,28 @@ def run_until_stopped(settings: Settings) -> int:
     worker that cannot start (Redis unreachable as it connects) is started again with backoff,
     so the process needs no outside supervisor to come back; a stop signal ends that at once.
     """
-    from redis.exceptions import RedisError
-
-    from .resilience import ResilientWorker
-    from .settings import start_metrics_server, worker_options
+    from .settings import start_metrics_server
 
     start_metrics_server(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     # Set by the signal itself (ours between workers, the worker's own while one runs), so a
     # signal that lands while a failed worker closes is never lost.
-    stopping = asyncio.Event()
+    marker = stopping_marker(settings)
+    marker.unlink(missing_ok=True)  # left by an earlier run in this container that was killed
+    stopping = _Stopping(marker)
+    try:
+        return _run(settings, loop, stopping)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _run(settings: Settings, loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> int:
+    from redis.exceptions import RedisError
+
+    from .resilience import ResilientWorker
+    from .settings import worker_options
+
     identity = queue.worker_identity()
     delay = 0.5
     while not stopping.is_set():

@@ -28,9 +28,11 @@ would also break Hypercorn's SIGHUP reload, which relies on that backlog for a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import signal
+from multiprocessing.synchronize import Event
 
 from quart import Quart
 
@@ -47,11 +49,45 @@ def _is_unguarded_hypercorn_worker() -> bool:
     )
 
 
+def _supervisor_shutdown_event() -> Event | None:
+    """The event Hypercorn's supervisor sets on SIGTERM (or SIGHUP), in one of its workers.
+
+    Hypercorn has no API for it. Its supervisor starts each worker with
+    ``Process(kwargs={"shutdown_event": ...})``, and multiprocessing rebuilds that Process
+    object in the child as ``current_process()``; its ``_kwargs`` hold the event."""
+    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None) or {}
+    event = kwargs.get("shutdown_event")
+    return event if isinstance(event, Event) else None
+
+
 class Drain:
-    """This worker's drain: whether SIGTERM has come, and the handler that notes it."""
+    """This worker's drain: whether SIGTERM has come (``/readyz`` then answers 503), and the
+    handler that notes it."""
 
     def __init__(self) -> None:
         self.draining = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def watch_supervisor(self) -> None:
+        """A serving hook: note the drain as soon as Hypercorn's supervisor starts it."""
+        event = _supervisor_shutdown_event()
+        if event is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._poll(event))
+
+    async def _poll(self, event: Event) -> None:
+        # A multiprocessing event cannot be awaited: polled as often as Hypercorn's own worker
+        # polls it, so readiness fails as its drain starts.
+        while not event.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        self.note_sigterm()
+
+    async def stop_watching(self) -> None:
+        """A serving hook: end the watch."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
 
     def note_sigterm(self) -> None:
         # Only note it. The drain itself is Hypercorn's, started by its supervisor's event.
@@ -68,8 +104,22 @@ class Drain:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.note_sigterm)
 
 
+# Where the app keeps its Drain; read through draining() below.
+_EXTENSION = "service.drain"
+
+
 def install(app: Quart) -> Drain:
-    """Register the serving hook that makes this worker survive SIGTERM while it drains."""
+    """Register the serving hooks that note the drain when it starts and make this worker
+    survive SIGTERM while it drains."""
     drain = Drain()
+    app.extensions[_EXTENSION] = drain
     app.before_serving(drain.survive_sigterm)
+    app.before_serving(drain.watch_supervisor)
+    app.after_serving(drain.stop_watching)
     return drain
+
+
+def draining(app: Quart) -> bool:
+    """Whether ``app``'s server has begun to drain."""
+    drain: Drain | None = app.extensions.get(_EXTENSION)
+    return drain is not None and drain.draining

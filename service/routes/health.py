@@ -9,12 +9,13 @@ from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel
-from quart import Blueprint
+from quart import Blueprint, current_app
 from quart_schema import document_response
 
 from service.backends import checks as readiness
 from service.backends.resources import Resources, resources
 from service.contract import LIVENESS_PATH, READINESS_PATH
+from service.pipeline.drain import draining
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,12 @@ async def readyz() -> tuple[dict[str, Any], int]:
     process, and its result for `READINESS_CACHE` seconds. PostgreSQL failing makes the
     answer 503, since no user route can serve without it. Redis failing marks the service
     `degraded` but keeps it ready: the report is then computed without the cache and only task
-    submission is refused.
+    submission is refused. Once the server has begun to drain (SIGTERM), the answer is 503
+    `draining`, so a load balancer sends nothing new while the requests in flight finish.
     """
     checks = await shared_check(resources()).result()
+    if draining(current_app):
+        return {"status": "draining", "checks": checks}, 503
     if checks["postgres"] != "ok":
         return {"status": "unavailable", "checks": checks}, 503
     return {"status": "ok" if checks["redis"] == "ok" else "degraded", "checks": checks}, 200

@@ -29,4 +29,16 @@ def create_app() -> Quart:
             value = await conn.fetchval("SELECT 1")
         return {"slept": seconds, "db": value}
 
+    @app.get("/_test/hold")
+    async def hold() -> dict[str, object]:
+        """Holds a pool connection while it sleeps: with a pool of one, the next request that
+        needs PostgreSQL (a readiness probe) waits for it."""
+        seconds = float(request.args.get("s", "1"))
+        held = resources()
+        async with connection() as conn:
+            await held.redis.incr(f"{held.settings.redis_prefix}in-flight")
+            await asyncio.sleep(seconds)
+            value = await conn.fetchval("SELECT 1")
+        return {"slept": seconds, "db": value}
+
     return app
