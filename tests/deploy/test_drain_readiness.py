@@ -16,9 +16,9 @@ from quart.typing import TestClientProtocol as Client
 
 from service.config import Settings
 from tests.app.test_tasks import exact, submit, wait_for_status
+from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health
 from tools import ROOT
 from tools.hypercorn_process import hypercorn
-from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health
 
 
 async def test_readyz_answers_503_once_the_drain_has_begun(

@@ -25,8 +25,8 @@ from service.__main__ import main as service_main
 from service.app import create_app
 from service.config import Settings
 from service.contract import PROBE_PATHS as OPEN_PATHS
-from tools.containerfile import STAGES, exec_form, healthcheck_command
 from tools import ROOT
+from tools.containerfile import STAGES, exec_form, healthcheck_command
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("development", "production")

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tools.containerfile import AUTH, STAGES, TEST_API_KEYS, healthcheck_command
 from tools import ROOT
+from tools.containerfile import AUTH, STAGES, TEST_API_KEYS, healthcheck_command
 from tools.images import PODMAN, image_name, inspect, run_limits
 
 HYPERCORN = tomllib.loads((ROOT / "hypercorn.toml").read_text())
