@@ -114,9 +114,15 @@ async def metrics_endpoint() -> Response:
     return Response(metrics.render(live), content_type=metrics.CONTENT_TYPE_LATEST)
 
 
-def _route() -> str:
-    rule = request.url_rule
-    return rule.rule if rule is not None else UNMATCHED
+def _labels(state: RequestState) -> tuple[str, str]:
+    """The request's method and route template as metrics label them, looked up once per
+    request (each read of ``request`` goes through Quart's context-local proxy)."""
+    if not state.route:
+        method = request.method
+        state.method = method if method in METHODS else "OTHER"
+        rule = request.url_rule
+        state.route = rule.rule if rule is not None else UNMATCHED
+    return state.method, state.route
 
 
 def _wants_profile(settings: Settings, state: RequestState) -> bool:
@@ -141,7 +147,8 @@ async def start_timer(setup: Setup, state: RequestState) -> None:
 
 async def mark_activity(setup: Setup, state: RequestState) -> None:
     """Name what this task serves, so a blocked loop's report says which request held it."""
-    set_activity(f"{request.method} {_route()} (request {request_id_var.get()})")
+    method, route = _labels(state)
+    set_activity(f"{method} {route} (request {request_id_var.get()})")
 
 
 async def start_profile(setup: Setup, state: RequestState) -> None:
@@ -158,14 +165,10 @@ async def end_activity(setup: Setup, state: RequestState, response: Response) ->
     return response
 
 
-def _method() -> str:
-    return request.method if request.method in METHODS else "OTHER"
-
-
 async def record_metrics(setup: Setup, state: RequestState, response: Response) -> Response:
     """The request's duration, and its count and duration by method, route template, status."""
     state.duration = time.perf_counter() - state.started if state.started else 0.0
-    method, route = _method(), _route()
+    method, route = _labels(state)
     metrics.REQUESTS.labels(method, route, str(response.status_code)).inc()
     metrics.REQUEST_DURATION.labels(method, route).observe(state.duration)
     return response
@@ -178,9 +181,10 @@ async def log_request(setup: Setup, state: RequestState, response: Response) -> 
     if log.isEnabledFor(logging.INFO):
         # The record is made and handled directly: Logger.info would walk the stack to find
         # its caller (findCaller), once per request, for a place that is always this one.
+        method, route = _labels(state)
         extra = {
-            "method": _method(),
-            "route": _route(),
+            "method": method,
+            "route": route,
             "status": response.status_code,
             "duration_ms": round(state.duration * 1000, 2),
         }
