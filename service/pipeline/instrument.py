@@ -13,6 +13,7 @@ import hmac
 import logging
 import sys
 import time
+from typing import Any
 
 from pyinstrument import Profiler
 from quart import Blueprint, Quart, Response, request
@@ -165,12 +166,29 @@ async def end_activity(setup: Setup, state: RequestState, response: Response) ->
     return response
 
 
+# The metric children of each (method, route, status), looked up once: ``.labels()`` checks
+# the label values and takes a lock on every call. Bounded: methods are the known ones or
+# OTHER, routes the app's templates or UNMATCHED, statuses three digits.
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _metric_children(method: str, route: str, status: int) -> tuple[Any, Any]:
+    children = _children.get((method, route, status))
+    if children is None:
+        children = _children[(method, route, status)] = (
+            metrics.REQUESTS.labels(method, route, str(status)),
+            metrics.REQUEST_DURATION.labels(method, route),
+        )
+    return children
+
+
 async def record_metrics(setup: Setup, state: RequestState, response: Response) -> Response:
     """The request's duration, and its count and duration by method, route template, status."""
     state.duration = time.perf_counter() - state.started if state.started else 0.0
     method, route = _labels(state)
-    metrics.REQUESTS.labels(method, route, str(response.status_code)).inc()
-    metrics.REQUEST_DURATION.labels(method, route).observe(state.duration)
+    count, duration = _metric_children(method, route, response.status_code)
+    count.inc()
+    duration.observe(state.duration)
     return response
 
 
@@ -188,12 +206,10 @@ async def log_request(setup: Setup, state: RequestState, response: Response) -> 
             "status": response.status_code,
             "duration_ms": round(state.duration * 1000, 2),
         }
-        log.handle(
-            log.makeRecord(
-                log.name, logging.INFO, __file__, _LOG_LINE, "request", (), None,
-                "log_request", extra,
-            )  # fmt: skip
+        record = log.makeRecord(
+            log.name, logging.INFO, __file__, _LOG_LINE, "request", (), None, "log_request", extra
         )
+        log.handle(record)
     return response
 
 
