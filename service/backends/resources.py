@@ -8,10 +8,12 @@ pool, the Redis client, the task queue and the report cache. Handlers reach it t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -132,84 +134,52 @@ def _database_unavailable(error: BaseException) -> APIError:
     )
 
 
-class _Connection:
-    """What :func:`connection` returns: an async context manager written as a class, which
-    costs less per request than a generator-based one (no generator to start, throw into and
-    close around every query)."""
-
-    __slots__ = ("_conn", "_pool", "_within")
-    _conn: asyncpg.Connection
-    _pool: asyncpg.Pool
-    _within: float
-
-    async def __aenter__(self) -> asyncpg.Connection:
-        held = resources()
-        self._pool = pool = held.pool
-        self._within = within = held.settings.db_acquire_timeout
-        try:
-            conn: asyncpg.Connection = await pool.acquire(timeout=within)
-        except DB_UNAVAILABLE as error:
-            raise _database_unavailable(error) from error
-        self._conn = conn
-        return conn
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        conn = self._conn
-        try:
-            if error is not None:
-                _map_error(conn, error)
-        finally:
-            await _release(self._pool, conn, self._within)
-
-
-def connection() -> _Connection:
-    """A pooled connection for this request, acquired with a bounded wait:
-    ``async with connection() as conn: ...``.
+@asynccontextmanager
+async def connection() -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for this request, acquired with a bounded wait.
 
     An exhausted pool, a PostgreSQL that does not answer, or a connection lost mid-query
     becomes a 503 with Retry-After rather than a request that hangs or a 500.
     """
-    return _Connection()
-
-
-def _map_error(conn: asyncpg.Connection, error: BaseException) -> None:
-    """Raise the API's answer to ``error``, raised while ``conn`` was in use; return for an
-    error that stays as it is."""
-    if isinstance(error, DB_UNAVAILABLE):
+    held = resources()
+    pool = held.pool
+    within = held.settings.db_acquire_timeout
+    try:
+        conn = await pool.acquire(timeout=within)
+    except DB_UNAVAILABLE as error:
         raise _database_unavailable(error) from error
-    if isinstance(error, asyncpg.DataError):
+    try:
+        yield conn
+    except DB_UNAVAILABLE as error:
+        raise _database_unavailable(error) from error
+    except asyncpg.DataError as error:
         # Input PostgreSQL cannot store (a NUL in a text, a value out of range) that the
         # request's validation let through: the client's to fix, never a 500.
         log.warning("data PostgreSQL refused: %s", type(error).__name__)
         raise APIError(
             422, "A value in the request cannot be stored.", title="Validation failed"
         ) from error
-    if isinstance(error, asyncpg.InterfaceError):
-        if conn.is_closed():
-            raise _database_unavailable(error) from error
-        return
-    if isinstance(error, asyncpg.exceptions.InternalClientError):
+    except asyncpg.InterfaceError as error:
+        if not conn.is_closed():
+            raise
+        raise _database_unavailable(error) from error
+    except asyncpg.exceptions.InternalClientError as error:
         # asyncpg's protocol state went wrong, seen when PostgreSQL drops connections under
         # load ("another operation is in progress"). The connection cannot be trusted: end
         # it, and let the client retry on a fresh one. Logged in full, since it can be a bug.
-        log.error("asyncpg internal error; connection discarded", exc_info=error)
+        log.error("asyncpg internal error; connection discarded", exc_info=True)
         with contextlib.suppress(Exception):
             conn.terminate()
         raise _database_unavailable(error) from error
+    finally:
+        await _release(pool, conn, within)
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:
-    # Bounded, since after a cancelled query asyncpg waits for the server's cancel, which a
-    # partition never sends. A cancelled request cannot leak the connection: Pool.release
-    # shields the release itself (asyncio.shield inside asyncpg), and nothing before that
-    # shield awaits.
+    # Shielded so that a cancelled request cannot leak the connection; bounded, since after a
+    # cancelled query asyncpg waits for the server's cancel, which a partition never sends.
     try:
-        await pool.release(conn, timeout=within)
+        await asyncio.shield(pool.release(conn, timeout=within))
     except Exception as error:
         # Releasing runs a reset query; when PostgreSQL has just dropped the connection that
         # fails in several ways (connection closed, "another operation is in progress", or a
