@@ -17,6 +17,8 @@ HOST = "127.0.0.1"
 #   service       this project in production configuration (ENVIRONMENT=production, an API key
 #                 sent, rate limits on but set high, metrics and the request log on)
 #   service-dev   this project with development defaults
+#   service-pgbouncer  the production configuration through a private PgBouncer in
+#                 transaction mode (DB_PGBOUNCER=true; migrations on DATABASE_DIRECT_URL)
 #   flask         the Flask original with the article's fixes (its index, gunicorn -w 4
 #                 --threads 4, the Redis cache, Celery): the main baseline
 #   flask-seed    the Flask original without the index: the seed's problem
@@ -25,7 +27,8 @@ HOST = "127.0.0.1"
 #   ceiling       a bare ASGI app (what Hypercorn itself serves)
 # The last four run under the same hypercorn.toml as the service.
 SYSTEMS = (
-    "service", "service-dev", "flask", "flask-seed", "quart-lookup", "quart-hello", "ceiling",
+    "service", "service-dev", "service-pgbouncer", "flask", "flask-seed", "quart-lookup",
+    "quart-hello", "ceiling",
 )  # fmt: skip
 SCENARIOS = ("users", "mixed", "report", "stampede", "tasks")
 # The systems that serve more than the users lookup (the others answer it alone).

@@ -17,16 +17,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench import client
 from bench.options import BASELINE, HOST, ROOT, BenchError, say
 from bench.procs import Group, _cmdline, _stat
 from service.apikeys import generate_key, key_entry
+from tools.private_ha import PrivatePgBouncer, wait_for_port
 from tools.private_servers import free_port, port_open
 
 # Each configuration of the service has its own key prefix in the private Redis.
 SERVICE_REDIS_PREFIX = "bench:svc:"
 DEV_REDIS_PREFIX = "bench:dev:"
+PGBOUNCER_REDIS_PREFIX = "bench:pgb:"
 # The original's cache key and computation counter (bench/baseline/app.py).
 FLASK_CACHE_KEY = "expensive_result"
 FLASK_COUNTER_KEY = "bench:computations"
@@ -153,6 +156,42 @@ def start_service(
                   redis_prefix=env.get("REDIS_PREFIX", ""))  # fmt: skip
 
 
+def start_pgbouncer(database_url: str, logs: Path, started: list[Group]) -> tuple[Group, str]:
+    """A private PgBouncer in transaction mode in front of the run's database (the setup of
+    tools/private_ha.py), in a process group of its own so the run stops it with the rest.
+    Returns its group and the URL the service connects to."""
+    parts = urlsplit(database_url)
+    upstream = (parts.hostname or HOST, parts.port or 5432, parts.path.lstrip("/"),
+                parts.username or "postgres")  # fmt: skip
+    folder = logs / f"pgbouncer-{free_port()}"
+    folder.mkdir(parents=True)
+    bouncer = PrivatePgBouncer(folder, upstream)
+    group = Group("pgbouncer", bouncer.command, dict(os.environ), ROOT, folder / "stdout.log")
+    started.append(group)
+    wait_for_port(bouncer.port, group.process)
+    return group, bouncer.url
+
+
+def through_pgbouncer(env: dict[str, str], bouncer_url: str) -> dict[str, str]:
+    """``env`` with the pool on PgBouncer's ``bouncer_url`` and migrations on the database's
+    own URL (their advisory lock needs one session)."""
+    return {**env, "DB_PGBOUNCER": "true", "DATABASE_DIRECT_URL": env["DATABASE_URL"],
+            "DATABASE_URL": bouncer_url}  # fmt: skip
+
+
+def start_service_through_pgbouncer(
+    env: dict[str, str], logs: Path, started: list[Group], headers: dict[str, str]
+) -> System:
+    """The service in production configuration with its pool on a PgBouncer in transaction
+    mode (``DB_PGBOUNCER=true``: no statement cache, the statement timeout set by PgBouncer),
+    its migrations on the direct URL. PgBouncer's CPU is not counted, as PostgreSQL's is not."""
+    bouncer, url = start_pgbouncer(env["DATABASE_URL"], logs, started)
+    system = start_service(through_pgbouncer(env, url), logs, started, "service-pgbouncer",
+                           headers)  # fmt: skip
+    system.groups.append(bouncer)  # after the API: groups[0] is whose CPU is counted
+    return system
+
+
 def ensure_baseline_venv() -> Path:
     """bench/baseline/.venv with requirements.txt installed (again when the file changes)."""
     venv = BASELINE / ".venv"
@@ -225,10 +264,14 @@ class Backends:
 def start_system(name: str, backends: Backends, logs: Path, started: list[Group]) -> System:
     """Start system ``name`` (one of bench.options.SYSTEMS) and wait until it serves."""
     base = {**os.environ, "DATABASE_URL": backends.database_url}
-    if name in ("service", "service-dev"):
-        prefix = SERVICE_REDIS_PREFIX if name == "service" else DEV_REDIS_PREFIX
-        env = {**base, "REDIS_URL": backends.redis_url(0), "REDIS_PREFIX": prefix}
+    if name in ("service", "service-dev", "service-pgbouncer"):
+        prefixes = {"service": SERVICE_REDIS_PREFIX, "service-dev": DEV_REDIS_PREFIX,
+                    "service-pgbouncer": PGBOUNCER_REDIS_PREFIX}  # fmt: skip
+        env = {**base, "REDIS_URL": backends.redis_url(0), "REDIS_PREFIX": prefixes[name]}
         headers: dict[str, str] = {}
+        if name == "service-pgbouncer":
+            env, headers = production_env(env)
+            return start_service_through_pgbouncer(env, logs, started, headers)
         if name == "service":
             env, headers = production_env(env)
         else:

@@ -118,6 +118,12 @@ class PrivatePgBouncer:
         self._command = [*prefix, _binary("pgbouncer", "pgbouncer"), str(config)]
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def command(self) -> list[str]:
+        """The command that runs it (as the postgres user when we are root), for a caller that
+        starts and stops the process itself (the benchmark, in a process group of its own)."""
+        return list(self._command)
+
     def start(self) -> None:
         self.process = subprocess.Popen(
             self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -8,7 +8,6 @@ pool, the Redis client, the task queue and the report cache. Handlers reach it t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -196,10 +195,12 @@ def _connection_gone(conn: asyncpg.Connection) -> bool:
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:
-    # Shielded so that a cancelled request cannot leak the connection; bounded, since after a
-    # cancelled query asyncpg waits for the server's cancel, which a partition never sends.
+    # Bounded, since after a cancelled query asyncpg waits for the server's cancel, which a
+    # partition never sends. A cancelled request cannot leak the connection: Pool.release
+    # shields the release itself (asyncio.shield inside asyncpg), and nothing in it awaits
+    # before that shield, so a second shield here would only add a task per request.
     try:
-        await asyncio.shield(pool.release(conn, timeout=within))
+        await pool.release(conn, timeout=within)
     except Exception as error:
         # Releasing runs a reset query; when PostgreSQL has just dropped the connection that
         # fails in several ways (connection closed, "another operation is in progress", or a

@@ -79,6 +79,11 @@ def _timestamp(created: float) -> str:
     return f"{text}.{micros // 1000:03d}+00:00"
 
 
+# json.dumps(entry, default=str) would build a new encoder for every line (any argument
+# besides the object does); one encoder, the same output.
+_ENCODER = json.JSONEncoder(default=str)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request_id, and any extras."""
 
@@ -102,7 +107,7 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
 
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:

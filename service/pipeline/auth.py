@@ -41,6 +41,7 @@ OTHER_METHOD_SCOPE = "admin"
 WRITE_PATHS = frozenset({"/heavy-task"})
 
 REALM = 'Bearer realm="api"'
+_NO_NAMES: frozenset[str] = frozenset()
 
 
 def _at_or_under(path: str, prefix: str) -> bool:
@@ -117,12 +118,14 @@ async def identify(setup: Setup, state: RequestState) -> None:
     path = request.path
     if path in DOCS_PATHS and not settings.docs_served:
         raise APIError(404, "The API description is not served here (DOCS_ENABLED).")
-    scope = required_scope(
-        request.method,
-        path,
-        frozenset(name.lower() for name in request.headers.keys()),  # noqa: SIM118
-        settings,
+    method = request.method
+    # The header names matter only to a CORS preflight (OPTIONS): not gathered for the rest.
+    names = (
+        frozenset(name.lower() for name in request.headers.keys())  # noqa: SIM118
+        if method == "OPTIONS"
+        else _NO_NAMES
     )
+    scope = required_scope(method, path, names, settings)
     enforced = bool(settings.api_keys)
     # Open paths are served without looking at a key: profiling them needs keys off too.
     state.admin = not enforced

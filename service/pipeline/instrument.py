@@ -13,6 +13,7 @@ import hmac
 import logging
 import sys
 import time
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
@@ -144,9 +145,15 @@ async def metrics_endpoint() -> Response:
     return Response(metrics.render(live), content_type=metrics.CONTENT_TYPE_LATEST)
 
 
-def _route() -> str:
-    rule = request.url_rule
-    return rule.rule if rule is not None else UNMATCHED
+def _labels(state: RequestState) -> tuple[str, str]:
+    """The request's method and route template as metrics label them, looked up once per
+    request (each read of ``request`` goes through Quart's context-local proxy)."""
+    if not state.route:
+        method = request.method
+        state.method = method if method in METHODS else "OTHER"
+        rule = request.url_rule
+        state.route = rule.rule if rule is not None else UNMATCHED
+    return state.method, state.route
 
 
 def _wants_profile(settings: Settings, state: RequestState) -> bool:
@@ -193,7 +200,8 @@ async def start_span(setup: Setup, state: RequestState) -> None:
 
 async def mark_activity(setup: Setup, state: RequestState) -> None:
     """Name what this task serves, so a blocked loop's report says which request held it."""
-    set_activity(f"{request.method} {_route()} (request {request_id_var.get()})")
+    method, route = _labels(state)
+    set_activity(f"{method} {route} (request {request_id_var.get()})")
 
 
 async def start_profile(setup: Setup, state: RequestState) -> None:
@@ -210,16 +218,29 @@ async def end_activity(setup: Setup, state: RequestState, response: Response) ->
     return response
 
 
-def _method() -> str:
-    return request.method if request.method in METHODS else "OTHER"
+# The metric children of each (method, route, status), looked up once: ``.labels()`` checks
+# the label values and takes a lock on every call. Bounded: methods are the known ones or
+# OTHER, routes the app's templates or UNMATCHED, statuses three digits.
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _metric_children(method: str, route: str, status: int) -> tuple[Any, Any]:
+    children = _children.get((method, route, status))
+    if children is None:
+        children = _children[(method, route, status)] = (
+            metrics.REQUESTS.labels(method, route, str(status)),
+            metrics.REQUEST_DURATION.labels(method, route),
+        )
+    return children
 
 
 async def record_metrics(setup: Setup, state: RequestState, response: Response) -> Response:
     """The request's duration, and its count and duration by method, route template, status."""
     state.duration = time.perf_counter() - state.started if state.started else 0.0
-    method, route = _method(), _route()
-    metrics.REQUESTS.labels(method, route, str(response.status_code)).inc()
-    metrics.REQUEST_DURATION.labels(method, route).observe(state.duration)
+    method, route = _labels(state)
+    count, duration = _metric_children(method, route, response.status_code)
+    count.inc()
+    duration.observe(state.duration)
     return response
 
 
@@ -227,15 +248,20 @@ async def log_request(setup: Setup, state: RequestState, response: Response) -> 
     """The request's log line: method, route template, status, duration (and, as on every
     line, the request id). No query string and no headers: they may carry credentials or
     personal data."""
-    log.info(
-        "request",
-        extra={
-            "method": _method(),
-            "route": _route(),
+    if log.isEnabledFor(logging.INFO):
+        # The record is made and handled directly: Logger.info would walk the stack to find
+        # its caller (findCaller), once per request, for a place that is always this one.
+        method, route = _labels(state)
+        extra = {
+            "method": method,
+            "route": route,
             "status": response.status_code,
             "duration_ms": round(state.duration * 1000, 2),
-        },
-    )
+        }
+        record = log.makeRecord(
+            log.name, logging.INFO, __file__, _LOG_LINE, "request", (), None, "log_request", extra
+        )
+        log.handle(record)
     return response
 
 
@@ -243,8 +269,8 @@ async def name_span(setup: Setup, state: RequestState, response: Response) -> Re
     """The span named by route template, with the response's status."""
     span = state.span
     if span is not None:
-        route = _route()
-        span.update_name(f"{_method()} {route}")
+        method, route = _labels(state)
+        span.update_name(f"{method} {route}")
         span.set_attribute("http.route", route)
         span.set_attribute("http.response.status_code", response.status_code)
         if response.status_code >= 500:
@@ -260,6 +286,10 @@ async def end_span(setup: Setup, state: RequestState) -> None:
         token, state.span_token = state.span_token, None
         if token is not None:
             otel_context.detach(token)
+
+
+# Where the request log line comes from, for its record's pathname and line number.
+_LOG_LINE = log_request.__code__.co_firstlineno
 
 
 async def finish_profile(setup: Setup, state: RequestState, response: Response) -> Response:

@@ -43,10 +43,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.backends.redis import redis_pool
@@ -162,7 +162,7 @@ class RateLimiter:
         self.max_wait = 2 * self.timeout + 10 * self.interval
         self._counts: dict[tuple[str, str], _Count] = {}
         self._client: aioredis.Redis | None = None
-        self._script: AsyncScript | None = None
+        self._sha = ""
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._next_sync: asyncio.Future[None] | None = None
@@ -181,7 +181,8 @@ class RateLimiter:
         # pooled connection that request handlers hold.
         pool = redis_pool(self.settings, max_connections=2, socket_timeout=self.timeout)
         self._client = aioredis.Redis(connection_pool=pool)
-        self._script = self._client.register_script(_SYNC)
+        # Its SHA, as Redis names it (the script is sent by SHA: see _send).
+        self._sha = self._client.register_script(_SYNC).sha
         self._wake = asyncio.Event()
         self._down = False
         self._task = asyncio.create_task(self._run(), name="rate-limit-sync")
@@ -290,7 +291,6 @@ class RateLimiter:
 
     async def _sync_counts(self) -> None:
         assert self._client is not None
-        assert self._script is not None
         window = int(time.time() // self.window)
         if any(count.window < window for count in self._counts.values()):
             self._counts = {k: c for k, c in self._counts.items() if c.window >= window}
@@ -300,20 +300,20 @@ class RateLimiter:
         ttl_ms = 2 * self.window * 1000
         mark_ms = max(int(4 * self.interval * 1000), 200)
         sent = []
-        pipe = self._client.pipeline(transaction=False)
+        calls: list[tuple[str | int, ...]] = []
         for count in batch:
             sent.append((count, count.held, count.used, count.excess, count.demand))
-            args = [
-                count.limit, self.processes, count.held, count.used, count.excess,
-                count.waiting, count.demand + count.waiting, ttl_ms, mark_ms,
-            ]  # fmt: skip
-            await self._script(keys=[count.key, f"{count.key}:wait"], args=args, client=pipe)
+            calls.append((
+                count.key, f"{count.key}:wait", count.limit, self.processes, count.held,
+                count.used, count.excess, count.waiting, count.demand + count.waiting, ttl_ms,
+                mark_ms,
+            ))  # fmt: skip
             # The lease goes back with this call: no request uses it while the call is out.
             count.held = count.used = count.excess = count.demand = 0
         started = asyncio.get_running_loop().time()
         try:
             if batch:
-                results = await pipe.execute()
+                results = await self._send(calls)
             else:
                 await self._client.ping()  # down, nothing to send: is it back?
                 results = []
@@ -334,6 +334,28 @@ class RateLimiter:
             self._down = False
             self._announce()  # an outage no request met is still said, then its end
             log.warning("rate limiter: Redis answers again; limits are shared again")
+
+    async def _send(self, calls: list[tuple[str | int, ...]]) -> list[Any]:
+        """One pipeline of EVALSHA calls of the sync script.
+
+        By its SHA alone: redis-py's script objects would ask ``SCRIPT EXISTS`` before every
+        pipeline, one more round trip per sync. Redis answers NOSCRIPT only when it has lost
+        the script (a restart, ``SCRIPT FLUSH``), and then no call of the pipeline ran: the
+        script is loaded and the same calls sent once more.
+        """
+        assert self._client is not None
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            for call in calls:
+                pipe.execute_command("EVALSHA", self._sha, 2, *call)
+            try:
+                results: list[Any] = await pipe.execute()
+                return results
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._client.script_load(_SYNC)
+        raise AssertionError("unreachable")
 
     async def _really_down(self, error: BaseException, started: float) -> bool:
         if not isinstance(error, (RedisTimeoutError, TimeoutError)):

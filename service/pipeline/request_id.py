@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 
 from quart import Response, request
 
@@ -19,7 +19,8 @@ async def assign(setup: Setup, state: RequestState) -> None:
     if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
         request_id_var.set(given)
     else:
-        request_id_var.set(uuid.uuid4().hex)
+        # 128 random bits as 32 hex digits, the form of uuid4().hex without building a UUID.
+        request_id_var.set(os.urandom(16).hex())
 
 
 async def echo(setup: Setup, state: RequestState, response: Response) -> Response:

@@ -54,6 +54,9 @@ class RequestState:
 
     # perf_counter() when the first step ran.
     started: float = 0.0
+    # The method and route template as metrics and the log label them, once looked up.
+    method: str = ""
+    route: str = ""
     # Seconds from `started` to the response, once measured.
     duration: float = 0.0
     # The scope the request needs; None for an open path.

@@ -27,9 +27,11 @@ from bench.report import (
     to_json,
 )
 from bench.scenarios import median_load
-from bench.systems import System, production_env
+from bench.systems import System, production_env, through_pgbouncer
 from bench.targets import evaluate_targets
 from service.apikeys import hash_key, parse_api_keys
+from service.backends.db import connection_options, migration_url
+from service.config import load_settings
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:5000
   2 threads and 32 connections
@@ -238,6 +240,20 @@ def test_production_sends_its_key_with_every_load() -> None:
     command = wrk_command(System("service", 8000, [], headers=headers), "users", 32, 10, 100)
     assert command[command.index("-H") + 1] == f"Authorization: Bearer {token}"
     assert "-H" not in wrk_command(System("flask", 8000, []), "users", 32, 10, 100)
+
+
+def test_the_pgbouncer_system_pools_through_pgbouncer_and_migrates_directly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    direct = "postgresql://postgres@127.0.0.1:5432/bench_quart_service_0123456789ab"
+    bouncer = "postgresql://postgres@127.0.0.1:6432/bench_quart_service_0123456789ab"
+    env, _ = production_env({"DATABASE_URL": direct})
+    for name, value in through_pgbouncer(env, bouncer).items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert (settings.database_url, migration_url(settings)) == (bouncer, direct)
+    assert connection_options(settings)["statement_cache_size"] == 0
+    assert settings.environment == "production"
 
 
 def _proc(rss_kb: int, fds: int) -> dict[str, object]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import Settings, load_settings
 from service.errors import PROBLEM_JSON
+from service.pipeline import installed
 from tests.app.test_auth import KEYS, TEST_TASK_ID_SECRET, api_keys, bearer, production
-from tools.private_servers import free_port
+from tools.private_servers import free_port, private_redis
 
 
 def limited(settings: Settings, **changes: object) -> Settings:
@@ -100,3 +102,26 @@ def test_rate_limit_settings_are_read_from_the_environment(
     assert KEYS  # the keys of test_auth are the ones configured
     monkeypatch.setenv("ENVIRONMENT", "development")
     assert not load_settings().rate_limited
+
+
+@pytest.mark.slow  # a private Redis: SCRIPT FLUSH on the shared one would touch others'
+async def test_the_limit_holds_through_redis_losing_its_scripts(settings: Settings) -> None:
+    # The sync sends its script by SHA alone; a Redis without it (new, restarted, flushed)
+    # gets it loaded and the same counts sent again, without falling back to local limits.
+    with private_redis() as server:
+        shared = limited(settings, redis_url=server.url)
+        app = create_app(shared)
+        async with app.test_app() as test_app:
+            client: Client = test_app.test_client()
+            statuses = [(await client.get("/users", headers=bearer("reader"))).status_code]
+            redis = aioredis.Redis.from_url(server.url)
+            try:
+                await redis.script_flush()
+            finally:
+                await redis.aclose()
+            for _ in range(3):
+                statuses.append((await client.get("/users", headers=bearer("reader"))).status_code)
+            limiter = installed(app).setup.limiter
+            assert limiter is not None
+            assert not limiter.redis_down
+    assert statuses == [200, 200, 200, 429]
