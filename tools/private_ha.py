@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -45,6 +45,14 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], within: float = 1
                 return
         time.sleep(0.02)
     raise RuntimeError(f"nothing listens on port {port} after {within} s")
+
+
+def _wait(condition: Callable[[], bool], what: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not happen within {within} s")
+        time.sleep(0.1)
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -172,6 +180,8 @@ class RedisNode:
             _binary("redis-server", "redis-server"), "--port", str(self.port),
             "--bind", "127.0.0.1", "--dir", str(self.folder), "--save", "",
             "--appendonly", "yes", "--appendfsync", "always",
+            # A replica syncs at once (Redis waits 5 s by default, for more replicas to come).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.replica_of is not None:
             command += ["--replicaof", "127.0.0.1", str(self.replica_of)]
@@ -179,6 +189,13 @@ class RedisNode:
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, self.process)
+
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO section`` of this server, as a dict (empty when it does not answer)."""
+        command = [_binary("redis-cli", "redis-server"), "-p", str(self.port), "INFO", section]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=5, check=False)
+        pairs = (line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+        return {key: value.strip() for key, value in pairs}
 
     def kill(self) -> None:
         """SIGKILL: the host is gone, with whatever it had not replicated."""
@@ -225,6 +242,10 @@ class PrivateSentinels:
     def start(self) -> None:
         self.primary.start()
         self.replica.start()
+        # Until the replica's first sync is done, nothing the primary takes would survive a
+        # failover: wait for it, as an operator's runbook would.
+        _wait(lambda: self.replica.info("replication").get("master_link_status") == "up",
+              "the replica's first sync")  # fmt: skip
         sentinel_binary = _binary("redis-sentinel", "redis-sentinel")
         for index, port in enumerate(self.sentinel_ports):
             folder = self.folder / f"sentinel-{index}"
@@ -246,6 +267,17 @@ class PrivateSentinels:
             )
             self.sentinels.append(process)
             wait_for_port(port, process)
+        # The Sentinels must know the replica (from the primary's INFO) to be able to promote it.
+        _wait(self._sentinels_see_the_replica, "the Sentinels' view of the replica")
+
+    def _sentinels_see_the_replica(self) -> bool:
+        for port in self.sentinel_ports:
+            command = [_binary("redis-cli", "redis-server"), "-p", str(port),
+                       "SENTINEL", "REPLICAS", SENTINEL_MASTER]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True, timeout=5, check=False)
+            if str(self.replica.port) not in result.stdout:
+                return False
+        return True
 
     def stop(self) -> None:
         for process in self.sentinels:

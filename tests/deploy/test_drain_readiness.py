@@ -27,7 +27,10 @@ async def test_readyz_answers_503_once_the_drain_has_begun(
     # One connection per process: a readiness probe waits for the request holding it, and is
     # answered after SIGTERM has arrived. One worker process: the path `docker stop` and
     # Kubernetes take (the supervisor is signalled, its workers see its shutdown event).
-    env = settings_env(settings, db_pool_min_size=1, db_pool_max_size=1, readiness_timeout=10)
+    # No shared result kept between probes: the second must wait for the held connection.
+    env = settings_env(
+        settings, db_pool_min_size=1, db_pool_max_size=1, readiness_timeout=10, readiness_cache=0
+    )
     counter = f"{settings.redis_prefix}in-flight"
     with hypercorn(port, env, "--workers", "1", app="tests.support.slow_app:create_app()") as (
         base_url,
