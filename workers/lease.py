@@ -17,6 +17,7 @@ idempotent, as arq requires anyway.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -76,6 +77,10 @@ class LeasedWorker(Worker):
             try:
                 await self.renew_leases()
             except (RedisError, OSError) as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A cancellation redis-py turned into an error: the worker is stopping.
+                    raise asyncio.CancelledError from error
                 # The next poll tries again; a third of the lease is left for it to succeed.
                 log.warning("could not renew job leases: %s", error)
         await super().heart_beat()

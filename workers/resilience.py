@@ -107,6 +107,14 @@ class ResilientWorker(LeasedWorker):
             await asyncio.sleep(self._retry_in)
             self._retry_in = min(self._retry_in * 2, RETRY_MAX)
             return
+        finally:
+            # arq stops its poll loop by cancelling it. A cancellation that landed in a Redis
+            # command may have come out as a Redis error and been handled somewhere below (a
+            # lease renewal, a health write): the task still says it is being cancelled, so
+            # the loop ends here instead of polling on after the stop, never to exit.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
         self._note_recovery()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
