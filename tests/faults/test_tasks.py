@@ -96,6 +96,8 @@ async def test_redis_down_or_hung_costs_bounded_503s_for_tasks_only_and_recovers
             redis_connect_timeout=0.5,
             cache_redis_timeout=0.3,
             task_wait=5,
+            # The whole load is one client: TASK_CLIENT_LIMIT is not what is tested here.
+            task_client_limit=100000,
         )
         local = settings.model_copy(update={"redis_url": redis_server.url})
         statuses: dict[str, Counter[int]] = {
