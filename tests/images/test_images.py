@@ -296,8 +296,9 @@ async def test_engine_stop_under_load_drops_no_request_in_flight(
         async with httpx.AsyncClient(
             base_url=base, headers=AUTH, timeout=60, limits=limits
         ) as http:
-            # Each a CPU job of about a second on the worker: a request the API holds open.
-            sizes = [2_000_000 + i for i in range(in_flight)]
+            # Each a CPU job of about a second on the worker (two compute processes: 4 s in all
+            # on a quiet machine), so every request is still held open when the stop comes.
+            sizes = [10_000_000 + i for i in range(in_flight)]
             requests = [
                 asyncio.create_task(http.get("/heavy-task", params={"n": n})) for n in sizes
             ]
