@@ -10,6 +10,7 @@ from typing import Any
 
 import aiosql
 import asyncpg
+from aiosql.adapters.asyncpg import AsyncPGAdapter
 
 from service.config import Settings
 from service.obs.querylog import installer, register_queries
@@ -24,9 +25,57 @@ MIGRATION_LOCK_ID = 7_215_004_311
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
+class ConnectionAdapter(AsyncPGAdapter):  # type: ignore[misc]
+    """aiosql's asyncpg adapter for callers that always pass a connection, never a pool.
+
+    aiosql's own adapter wraps every call in ``MaybeAcquire``, which decides whether it was
+    given a pool by ``"acquire" in dir(conn)``: ``dir()`` of asyncpg's pool-connection proxy
+    lists every attribute of a connection, sorted, on every query (about 3% of a users lookup
+    under load, bench/README.md). Every query here runs on a connection the request already
+    holds, so these methods are aiosql's own with that step left out. The query functions,
+    their parameters and results are unchanged; the rest (cursors, executemany, scripts) is
+    aiosql's as it is.
+    """
+
+    async def select(
+        self, conn: Any, query_name: str, sql: str, parameters: Any, record_class: Any = None
+    ) -> Any:
+        rows = await conn.fetch(sql, *self.maybe_order_params(query_name, parameters))
+        if record_class is None:
+            for row in rows:
+                yield row
+        else:
+            for row in rows:
+                yield record_class(**dict(row))
+
+    async def select_one(
+        self, conn: Any, query_name: str, sql: str, parameters: Any, record_class: Any = None
+    ) -> Any:
+        row = await conn.fetchrow(sql, *self.maybe_order_params(query_name, parameters))
+        if row is not None and record_class is not None:
+            return record_class(**dict(row))
+        return row
+
+    async def select_value(self, conn: Any, query_name: str, sql: str, parameters: Any) -> Any:
+        return await conn.fetchval(sql, *self.maybe_order_params(query_name, parameters))
+
+    async def insert_returning(
+        self, conn: Any, query_name: str, sql: str, parameters: Any
+    ) -> Any:
+        row = await conn.fetchrow(sql, *self.maybe_order_params(query_name, parameters))
+        if not row:
+            return None
+        return row[0] if len(row) == 1 else row
+
+    async def insert_update_delete(
+        self, conn: Any, query_name: str, sql: str, parameters: Any
+    ) -> Any:
+        return await conn.execute(sql, *self.maybe_order_params(query_name, parameters))
+
+
 def load_queries(name: str) -> Any:
-    """The named queries of ``sql/<name>.sql`` (aiosql, asyncpg driver)."""
-    queries = aiosql.from_path(SQL_DIR / f"{name}.sql", "asyncpg")
+    """The named queries of ``sql/<name>.sql`` (aiosql, on a connection in hand)."""
+    queries = aiosql.from_path(SQL_DIR / f"{name}.sql", ConnectionAdapter)
     register_queries(queries)  # so the slow-query log names them
     return queries
 

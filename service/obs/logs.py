@@ -10,7 +10,6 @@ app echoes).
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from service.jsonenc import compact_encoder
 from service.obs import tracing
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -79,9 +79,8 @@ def _timestamp(created: float) -> str:
     return f"{text}.{micros // 1000:03d}+00:00"
 
 
-# json.dumps(entry, default=str) would build a new encoder for every line (any argument
-# besides the object does); one encoder, the same output.
-_ENCODER = json.JSONEncoder(default=str)
+# One encoder for every line, with json.dumps(entry, default=str)'s output.
+_encode_line = compact_encoder(str, (", ", ": "))
 
 
 class JsonFormatter(logging.Formatter):
@@ -107,7 +106,7 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return _ENCODER.encode(entry)
+        return _encode_line(entry)
 
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:
