@@ -4,9 +4,9 @@ Redis, then add latency, stall, cut or refuse, and heal.
 Modelled on asyncpg's own adversity tests (``asyncpg/_testbase/fuzzer.py``, used by
 ``tests/test_adversity.py``): a proxy on its own event loop in a thread, so the faults it
 makes do not depend on the test's loop, and the test can hold its own loop or block without
-delaying the bytes. Written here rather than taken from a package: Toxiproxy is a Go server
-(not on PyPI nor in Debian here; ``toxiproxy-python`` is only its client, last released in
-2019), and the plain asyncio TCP proxies on PyPI forward bytes but cannot stall or cut.
+delaying the bytes. Written here rather than taken from a package: Toxiproxy is a Go server,
+in neither PyPI nor Debian (``toxiproxy-python`` is only its client, last released in 2019),
+and no maintained PyPI package that stalls and cuts connections turned up.
 
 Faults, each applied to the connections already open and to those opened after:
 
