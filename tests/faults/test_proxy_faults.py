@@ -44,8 +44,8 @@ POSTGRES_ENV = {
     "DB_STATEMENT_TIMEOUT_MS": "1000",  # the client gives up 1 s later: 2 s per query
     "READINESS_CACHE": "0",
 }
-# Redis keeps its defaults (REDIS_SOCKET_TIMEOUT 1 s, CACHE_REDIS_TIMEOUT 0.5 s, ...) but for
-# the cache's retry interval, shortened from 5 s so recovery is seen within the test.
+# Redis's timeouts keep their defaults (REDIS_SOCKET_TIMEOUT 1 s, CACHE_REDIS_TIMEOUT 0.5 s,
+# RATE_LIMIT_TIMEOUT 1 s); the cache's retry interval is 1 s, not 5 s, so recovery is seen soon.
 REDIS_ENV = {
     "READINESS_CACHE": "0",
     "CACHE_RETRY_INTERVAL": "1",
@@ -272,7 +272,7 @@ def schema(service_urls: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def redis_prefix_module(service_urls: dict[str, str]) -> Iterator[str]:
+def module_redis_prefix(service_urls: dict[str, str]) -> Iterator[str]:
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     try:
         yield prefix
@@ -286,7 +286,7 @@ def redis_prefix_module(service_urls: dict[str, str]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def postgres_proxied(
-    service_urls: dict[str, str], schema: str, redis_prefix_module: str
+    service_urls: dict[str, str], schema: str, module_redis_prefix: str
 ) -> Iterator[Proxied]:
     database_url = with_search_path(service_urls["DATABASE_URL"], schema)
     with FaultProxy(*upstream(database_url, 5432)) as proxy:
@@ -294,7 +294,7 @@ def postgres_proxied(
             **POSTGRES_ENV,
             "DATABASE_URL": through(database_url, proxy),
             "REDIS_URL": service_urls["REDIS_URL"],
-            "REDIS_PREFIX": redis_prefix_module,
+            "REDIS_PREFIX": module_redis_prefix,
         }
         with hypercorn(free_port(), env, "--workers", "1") as (base_url, server):
             yield Proxied(base_url, server, proxy)
@@ -302,7 +302,7 @@ def postgres_proxied(
 
 @pytest.fixture(scope="module")
 def redis_proxied(
-    service_urls: dict[str, str], schema: str, redis_prefix_module: str
+    service_urls: dict[str, str], schema: str, module_redis_prefix: str
 ) -> Iterator[Proxied]:
     database_url = with_search_path(service_urls["DATABASE_URL"], schema)
     with FaultProxy(*upstream(service_urls["REDIS_URL"], 6379)) as proxy:
@@ -311,12 +311,12 @@ def redis_proxied(
             **REDIS_ENV,
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
-            "REDIS_PREFIX": redis_prefix_module,
+            "REDIS_PREFIX": module_redis_prefix,
         }
         worker = start_worker({**env, "WORKER_PROCESSES": "1"})
         try:
             direct = load_settings(
-                redis_url=service_urls["REDIS_URL"], redis_prefix=redis_prefix_module
+                redis_url=service_urls["REDIS_URL"], redis_prefix=module_redis_prefix
             )
             wait_for_health(direct, worker)
             with hypercorn(free_port(), env, "--workers", "1") as (base_url, server):
