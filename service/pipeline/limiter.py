@@ -166,6 +166,7 @@ class RateLimiter:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._next_sync: asyncio.Future[None] | None = None
+        self._in_flight: asyncio.Future[None] | None = None  # the sync out now ends it
         self._down = False
         self._outage: str | None = None  # an outage not yet said (see _announce)
         self.syncs = 0  # completed syncs, for tests and doctor-style checks
@@ -237,10 +238,14 @@ class RateLimiter:
                 return Verdict(scope, limit, self.window, 0, reset, False)
             if self._next_sync is None:
                 self._next_sync = loop.create_future()
+            # A sync already out leases for the key, not only for the requests it was sent
+            # for: wake when it ends, and wait for the next one only if it fell short. (Waiting
+            # for the next sync made a request pay two round trips to Redis.)
+            ends = self._in_flight or self._next_sync
             count.waiting += 1
             try:
                 async with asyncio.timeout_at(deadline):
-                    await asyncio.shield(self._next_sync)
+                    await asyncio.shield(ends)
             except TimeoutError:
                 pass
             finally:
@@ -282,11 +287,15 @@ class RateLimiter:
 
     async def _sync(self) -> None:
         done, self._next_sync = self._next_sync, None
+        if done is None:
+            done = asyncio.get_running_loop().create_future()
+        self._in_flight = done
         try:
             await self._sync_counts()
         finally:
+            self._in_flight = None
             self.syncs += 1
-            if done is not None and not done.done():
+            if not done.done():
                 done.set_result(None)
 
     async def _sync_counts(self) -> None:
@@ -302,14 +311,23 @@ class RateLimiter:
         sent = []
         calls: list[tuple[str | int, ...]] = []
         for count in batch:
-            sent.append((count, count.held, count.used, count.excess, count.demand))
+            # Requests still waiting were woken by the sync that just ended (or came during
+            # it) and have not run yet: its tokens are theirs, kept back (still reserved in
+            # Redis). Sent back, they would be gone when those requests look, since this sync
+            # starts first when more requests came meanwhile; under a slow Redis they waited
+            # sync after sync until refused, far below the limit.
+            kept = min(count.held, count.waiting)
+            returned = count.held - kept
+            sent.append((count, returned, count.used, count.excess, count.demand))
             calls.append((
-                count.key, f"{count.key}:wait", count.limit, self.processes, count.held,
-                count.used, count.excess, count.waiting, count.demand + count.waiting, ttl_ms,
-                mark_ms,
+                count.key, f"{count.key}:wait", count.limit, self.processes, returned,
+                count.used, count.excess, count.waiting - kept,
+                count.demand + count.waiting - kept, ttl_ms, mark_ms,
             ))  # fmt: skip
-            # The lease goes back with this call: no request uses it while the call is out.
-            count.held = count.used = count.excess = count.demand = 0
+            # The rest of the lease goes back with this call: no request uses it while the
+            # call is out.
+            count.held = kept
+            count.used = count.excess = count.demand = 0
         started = asyncio.get_running_loop().time()
         try:
             if batch:

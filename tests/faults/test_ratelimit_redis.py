@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,6 +21,7 @@ from service.config import Settings
 from service.pipeline import installed
 from service.pipeline.ratelimit import RateLimiter
 from tests.app.test_auth import bearer, production
+from tests.support.faultproxy import FaultProxy
 from tools.private_servers import private_redis
 
 
@@ -122,3 +125,40 @@ async def test_a_held_event_loop_does_not_count_as_redis_down(
     messages = [r.getMessage() for r in caplog.records if r.name == "service.pipeline.ratelimit"]
     assert any("delayed by this process" in m for m in messages)  # the timeout did fire
     assert not [m for m in messages if "Redis unavailable" in m]
+
+
+async def test_a_slow_redis_costs_a_request_at_most_the_sync_already_out(
+    settings: Settings,
+) -> None:
+    # A proxy holding each byte 100 ms each way: every sync is out for a 200 ms round trip,
+    # most of the time, so most requests that wait arrive while one is out.
+    upstream = urlsplit(settings.redis_url)
+    with FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379) as proxy:
+        slow = settings.model_copy(
+            update={"redis_url": f"redis://{proxy.host}:{proxy.port}/{upstream.path.strip('/')}"}
+        )
+        limiter = RateLimiter(slow)
+        await limiter.start()
+        try:
+            assert (await limiter.hit("read", "key:slow")).allowed  # leased, no delay yet
+            proxy.delay(upstream=0.1, downstream=0.1)
+            syncs_waited: list[int] = []
+            allowed: list[bool] = []
+
+            async def client() -> None:
+                for _ in range(12):
+                    before = limiter.syncs
+                    allowed.append((await limiter.hit("read", "key:slow")).allowed)
+                    syncs_waited.append(limiter.syncs - before)
+                    await asyncio.sleep(0.03)
+
+            await asyncio.gather(*(client() for _ in range(4)))
+        finally:
+            proxy.heal()
+            await limiter.stop()
+    print(f"syncs a request saw end while it waited: {sorted(Counter(syncs_waited).items())}")
+    assert all(allowed)
+    assert any(syncs_waited), "no request met a sync"
+    # Woken by the sync that was out when it came, and admitted from that sync's lease: it
+    # waited on for the next sync before (two round trips), and under load until refused.
+    assert max(syncs_waited) <= 1
