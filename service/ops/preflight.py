@@ -2,9 +2,9 @@
 
 Hypercorn 0.18 cannot be trusted to fail a start: when a worker's startup hook raises (say,
 PostgreSQL refuses the pool), its supervisor stops the other workers and exits 0
-(pgjones/hypercorn#269), so an orchestrator sees a clean exit and may not restart it, and Redis
-is not even contacted at start (the service runs degraded without it). So the container's
-entry point runs this first::
+(pgjones/hypercorn#269), so an orchestrator sees a clean exit and may not restart it, and the
+app starts without Redis (it serves degraded, and only warns). So the container's entry point
+runs this first::
 
     python -m service preflight [--needs postgres,redis] [--migrate] -- CMD...
 

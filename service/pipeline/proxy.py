@@ -35,14 +35,15 @@ from typing import Any
 
 from service.config import Network
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 FORWARDED_FOR = b"x-forwarded-for"
 
 
-def normal_address(text: str) -> str | None:
-    """The IP address ``text`` holds, as ``ipaddress`` writes it (an IPv4-mapped IPv6 address
-    as IPv4), without a port or IPv6 brackets; None when it holds none (``unknown``, a name)."""
+def parse_address(text: str) -> IPAddress | None:
+    """The IP address ``text`` holds (an IPv4-mapped IPv6 address as IPv4), read without a port
+    or IPv6 brackets; None when it holds none (``unknown``, a name)."""
     text = text.strip()
     if text.startswith("["):  # [2001:db8::1] or [2001:db8::1]:4711
         text = text[1 : text.find("]")]
@@ -53,32 +54,34 @@ def normal_address(text: str) -> str | None:
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+        return address.ipv4_mapped
+    return address
 
 
-def trusted_test(networks: Iterable[Network]) -> Callable[[str], bool]:
-    """Whether an address (text, as a peer or a header gives it) is one of ``networks``.
+# An address as the peer or a header gives it -> as ipaddress writes it, and whether it is a
+# trusted proxy; None when the text is not an address.
+Reader = Callable[[str], tuple[str, bool] | None]
 
-    Remembered per address: behind a balancer the peers are a few addresses, seen again and
-    again, and parsing one costs more than the rest of this step.
+
+def address_reader(networks: Iterable[Network]) -> Reader:
+    """What :data:`Reader` says of a text, given the trusted ``networks``.
+
+    Remembered per text: behind a balancer the same peers and clients come back again and
+    again, and parsing an address costs several times the rest of this step.
     """
     networks = tuple(networks)
 
     @lru_cache(maxsize=4096)
-    def trusted(text: str) -> bool:
-        address = normal_address(text)
+    def read(text: str) -> tuple[str, bool] | None:
+        address = parse_address(text)
         if address is None:
-            return False
-        parsed = ipaddress.ip_address(address)
-        return any(parsed in network for network in networks)
+            return None
+        return str(address), any(address in network for network in networks)
 
-    return trusted
+    return read
 
 
-def forwarded_client(
-    headers: Iterable[tuple[bytes, bytes]], trusted: Callable[[str], bool]
-) -> str | None:
+def forwarded_client(headers: Iterable[tuple[bytes, bytes]], read: Reader) -> str | None:
     """The client's address by the ``X-Forwarded-For`` of a request whose peer is trusted, or
     None when the header gives none (absent, or its last entry not an address)."""
     values = [value for name, value in headers if name == FORWARDED_FOR]
@@ -88,13 +91,13 @@ def forwarded_client(
     entries = b",".join(values).decode("latin-1").split(",")
     client = None
     for entry in reversed(entries):
-        address = normal_address(entry)
-        if address is None:
+        found = read(entry)
+        if found is None:
             # A trusted proxy wrote something that is not an address (`unknown`): the client
             # is behind the last address known, that proxy's (None: the peer's own).
             return client
-        client = address
-        if not trusted(address):
+        client, trusted = found
+        if not trusted:
             return client
     return client  # every entry is a trusted proxy: the first of them sent it
 
@@ -104,12 +107,12 @@ def trust_proxies(app: ASGIApp, networks: tuple[Network, ...]) -> ASGIApp:
     request's ``client``; ``app`` itself when there are none."""
     if not networks:
         return app
-    trusted = trusted_test(networks)
+    read = address_reader(networks)
 
     async def behind_proxies(scope: Any, receive: Any, send: Any) -> None:
         peer = scope.get("client")
-        if peer and scope["type"] != "lifespan" and trusted(peer[0]):
-            client = forwarded_client(scope["headers"], trusted)
+        if peer and scope["type"] != "lifespan" and (found := read(peer[0])) and found[1]:
+            client = forwarded_client(scope["headers"], read)
             if client is not None:
                 scope["client"] = (client, 0)
         await app(scope, receive, send)

@@ -12,7 +12,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
-from service.pipeline.proxy import forwarded_client, normal_address, trust_proxies, trusted_test
+from service.pipeline.proxy import address_reader, forwarded_client, parse_address, trust_proxies
 
 PROXY = ("10.0.0.7", 43210)  # the load balancer, in TRUSTED_PROXIES
 STRANGER = ("192.0.2.50", 43210)  # a peer that is not
@@ -30,7 +30,9 @@ def xff(value: str) -> list[tuple[bytes, bytes]]:
     return [(b"x-forwarded-for", value.encode())]
 
 
-TRUSTED = trusted_test([ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")])
+TRUSTED = address_reader(
+    [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
+)
 
 
 @pytest.mark.parametrize(
@@ -64,10 +66,13 @@ def test_the_client_is_the_rightmost_forwarded_address_not_trusted(
 
 
 def test_addresses_are_read_without_port_or_brackets() -> None:
-    assert normal_address(" 192.0.2.1 ") == "192.0.2.1"
-    assert normal_address("[::1]") == "::1"
-    assert normal_address("_hidden") is None
-    assert normal_address("example.com:80") is None
+    assert parse_address(" 192.0.2.1 ") == ipaddress.ip_address("192.0.2.1")
+    assert parse_address("[::1]") == ipaddress.ip_address("::1")
+    assert parse_address("_hidden") is None
+    assert parse_address("example.com:80") is None
+    assert TRUSTED("10.9.9.9:80") == ("10.9.9.9", True)
+    assert TRUSTED("[2001:db8::1]") == ("2001:db8::1", True)
+    assert TRUSTED("192.0.2.1") == ("192.0.2.1", False)
 
 
 def test_trusted_proxies_are_parsed_once_and_refused_naming_the_variable() -> None:
