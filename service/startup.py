@@ -73,8 +73,11 @@ class ReportingLifespan(ASGILifespan):
             failure = sys.exception()
             if isinstance(failure, StartupFailed):
                 log.critical("not starting: %s", failure)
-            else:  # not a dependency refusing: a bug, whose traceback is the point
-                log.critical("not starting: a start-up hook failed", exc_info=failure)
+            else:  # not a dependency refusing: a bug, whose traceback Quart has just logged
+                log.critical(
+                    "not starting: a start-up hook failed (%s); its traceback is logged above",
+                    type(failure).__name__,
+                )
             try:
                 await send(message)
             except LifespanFailureError:

@@ -1,5 +1,6 @@
 """Fail fast: with PostgreSQL or Redis unreachable, the image's exact start command exits
-non-zero at once, naming the variable, before anything listens. Subprocess timeouts below are
+non-zero at once, naming the variable, before anything listens; Hypercorn started directly,
+without the preflight, says why in one line too. Subprocess timeouts below are
 hang guards, not speed assertions; the measured times are printed (-s shows them)."""
 
 from __future__ import annotations
