@@ -11,18 +11,20 @@ from quart_schema import Info, QuartSchema
 from service import pipeline
 from service.asgi import HTTPConnection
 from service.backends import resources
-from service.config import Settings, load_settings
+from service.config import ConfigError, Settings, load_settings
 from service.errors import register_error_handlers
 from service.jsonenc import compact_encoder
 from service.obs.logs import configure_logging
 from service.openapi import ServiceOpenAPIProvider
 from service.pipeline import instrument
 from service.pipeline.header_limit import limit_headers
+from service.pipeline.proxy import trust_proxies
 from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
 from service.routes.reports import blueprint as reports_blueprint
 from service.routes.tasks import blueprint as tasks_blueprint
 from service.routes.users import blueprint as users_blueprint
+from service.startup import ReportingLifespan, refuse_bad_settings, without_startup_tracebacks
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,16 @@ def create_app(settings: Settings | None = None) -> Quart:
         # Hypercorn applies hypercorn.toml's logging only once the app is loaded and started;
         # until then lines logged here would come out bare, not as JSON.
         configure_logging()
-    settings = settings or load_settings()
+    if settings is None:
+        try:
+            settings = load_settings()
+        except ConfigError as error:
+            # One log line naming the variable, then exit 2, in every Hypercorn worker.
+            raise refuse_bad_settings(error) from None
     app = Quart(__name__, static_folder=None)
+    # A failed start is one line naming the variable, not Hypercorn's traceback (startup.py).
+    app.asgi_lifespan_class = ReportingLifespan
+    app.logger.addFilter(without_startup_tracebacks)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
 
@@ -65,6 +75,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(tasks_blueprint)
     app.register_blueprint(reports_blueprint)
     app.register_blueprint(instrument.blueprint)
+    # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it; with
+    # none configured, nothing is installed.
+    app.asgi_app = trust_proxies(app.asgi_app, settings.trusted_proxies)  # type: ignore[method-assign,assignment]
     # Outermost: an oversized head is refused before Quart builds a request from it.
     app.asgi_app = limit_headers(app.asgi_app, settings.max_header_bytes)  # type: ignore[method-assign,assignment]
     return app

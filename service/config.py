@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -46,6 +47,41 @@ ApiKeys = Annotated[
     NoDecode,
     PlainValidator(_api_keys),
     PlainSerializer(format_api_keys, return_type=str),
+]
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    if isinstance(value, tuple | list) and all(
+        isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network) for item in value
+    ):
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ValueError("must be comma-separated IP addresses or networks")
+    found = []
+    for item in split_list(value):
+        try:
+            found.append(ipaddress.ip_network(item))  # an address is a /32 (or /128) network
+        except ValueError as error:
+            raise ValueError(
+                f"each entry must be an IP address or network (10.0.0.0/8, 127.0.0.1, ::1); "
+                f"{item!r} is not: {error}"
+            ) from None
+    return tuple(found)
+
+
+def _format_networks(networks: tuple[Network, ...]) -> str:
+    return ",".join(str(network) for network in networks)
+
+
+# Read as text (`10.0.0.0/8,127.0.0.1`), held parsed; dumped back as the same text.
+Networks = Annotated[
+    tuple[Network, ...],
+    NoDecode,
+    PlainValidator(_networks),
+    PlainSerializer(_format_networks, return_type=str),
 ]
 
 
@@ -162,6 +198,11 @@ class Settings(BaseSettings):
     # Comma-separated origins allowed to call from a browser (https://app.example.com);
     # empty means no CORS headers at all.
     cors_allow_origins: str = ""
+    # Comma-separated addresses and networks of the proxies (load balancers) in front. A request
+    # whose peer is one of them gets its client's address from X-Forwarded-For (the rightmost
+    # entry that is not itself a trusted proxy): rate limits, task limits and log lines use it.
+    # Empty: the peer's address is the client's, and forwarded headers are ignored.
+    trusted_proxies: Networks = ()
     # Unset means on in production, off in development (so local load tests measure the app).
     rate_limit_enabled: bool | None = None
     rate_limit_window: int = Field(default=60, ge=1, le=86_400)

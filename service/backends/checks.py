@@ -9,6 +9,7 @@ import: the operator commands use it outside any app.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -62,6 +63,22 @@ async def redis_at(settings: Settings, within: float | None = None) -> None:
         await redis_answers(client, connect_timeout + socket_timeout)
     finally:
         await client.aclose()
+
+
+def where(url: str) -> str:
+    """host:port/path of a URL, without the user or the password: what a message may show."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path}"
+
+
+def reason(error: BaseException) -> str:
+    """Why a connection failed, in a few words: the error's type and first line."""
+    if isinstance(error, TimeoutError):
+        return "did not answer in time"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def unavailable(error: BaseException) -> str:

@@ -18,12 +18,13 @@ import asyncpg
 import redis.asyncio as aioredis
 from quart import Quart, current_app
 
-from service.backends import db
+from service.backends import checks, db
 from service.backends.cache import Cache
 from service.backends.redis import create_redis
 from service.backends.taskqueue import TaskQueue
 from service.config import Settings
 from service.errors import VALIDATION_TITLE, VALIDATION_TYPE, APIError
+from service.startup import StartupFailed
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,29 @@ class Resources:
         return self._open().report_cache
 
     async def open(self) -> None:
-        """Open the pool (which fails the start when PostgreSQL refuses) and the rest."""
-        pool = await db.create_pool(self.settings)
-        redis_client = create_redis(self.settings)
+        """Open the pool (which fails the start when PostgreSQL refuses) and the rest.
+
+        Redis is not required to start: without it the service serves degraded (no cache,
+        tasks or shared rate limits) until it answers; the start says so once, naming the
+        variable.
+        """
+        settings = self.settings
+        try:
+            pool = await db.create_pool(settings)
+        except (*DB_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise StartupFailed(
+                f"DATABASE_URL: cannot connect to PostgreSQL at "
+                f"{checks.where(settings.database_url)} ({checks.reason(error)})"
+            ) from error
+        redis_client = create_redis(settings)
+        try:
+            within = settings.redis_connect_timeout + settings.redis_socket_timeout
+            await checks.redis_answers(redis_client, within)
+        except Exception as error:  # any failure to answer is reported, none is raised
+            log.warning(
+                "%s; serving degraded (no cache, tasks or shared rate limits) until it answers",
+                _redis_unreachable(settings, error),
+            )
         task_queue = TaskQueue(redis_client, self.settings)
         task_queue.start()
         report_cache = Cache.from_settings(redis_client, self.settings)
@@ -98,6 +119,14 @@ class Resources:
         await opened.task_queue.stop()
         await opened.redis.aclose()
         await opened.pool.close()
+
+
+def _redis_unreachable(settings: Settings, error: BaseException) -> str:
+    if settings.redis_sentinels:
+        where = f"the primary {settings.redis_sentinel_master!r} of REDIS_SENTINELS"
+        return f"REDIS_SENTINELS: {where} is unreachable ({checks.reason(error)})"
+    where = checks.where(settings.redis_url)
+    return f"REDIS_URL: Redis at {where} is unreachable ({checks.reason(error)})"
 
 
 def install(app: Quart, settings: Settings) -> Resources:

@@ -2,9 +2,9 @@
 
 Hypercorn 0.18 cannot be trusted to fail a start: when a worker's startup hook raises (say,
 PostgreSQL refuses the pool), its supervisor stops the other workers and exits 0
-(pgjones/hypercorn#269), so an orchestrator sees a clean exit and may not restart it, and Redis
-is not even contacted at start (the service runs degraded without it). So the container's
-entry point runs this first::
+(pgjones/hypercorn#269), so an orchestrator sees a clean exit and may not restart it, and the
+app starts without Redis (it serves degraded, and only warns). So the container's entry point
+runs this first::
 
     python -m service preflight [--needs postgres,redis] [--migrate] -- CMD...
 
@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from service.backends import checks as readiness
 from service.backends.db import MigrationChanged, migrate_database
@@ -34,21 +33,6 @@ log = logging.getLogger("service.ops.preflight")
 UNREACHABLE_EXIT = 3
 # An applied migration's file changed: starting would serve a schema the files do not describe.
 MIGRATION_CHANGED_EXIT = 4
-
-
-def _where(url: str) -> str:
-    """host:port/path of a URL, without the user or the password."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{host}{port}{parts.path}"
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, TimeoutError):
-        return "did not answer in time"
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 DEPENDENCIES = ("postgres", "redis")
@@ -65,7 +49,8 @@ async def check_dependencies(
         try:
             await check(settings)
         except Exception as error:  # any failure to answer is reported, none is raised
-            return f"{variable}: {what} at {_where(url)} is unreachable ({_reason(error)})"
+            reason = readiness.reason(error)
+            return f"{variable}: {what} at {readiness.where(url)} is unreachable ({reason})"
         return None
 
     checks = []

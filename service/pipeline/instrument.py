@@ -245,8 +245,9 @@ async def record_metrics(setup: Setup, state: RequestState, response: Response) 
 
 
 async def log_request(setup: Setup, state: RequestState, response: Response) -> Response:
-    """The request's log line: method, route template, status, duration (and, as on every
-    line, the request id). No query string and no headers: they may carry credentials or
+    """The request's log line: method, route template, status, duration, the client's address
+    (behind TRUSTED_PROXIES, the forwarded one: service/pipeline/proxy.py) and, as on every
+    line, the request id. No query string and no headers: they may carry credentials or
     personal data."""
     if log.isEnabledFor(logging.INFO):
         # The record is made and handled directly: Logger.info would walk the stack to find
@@ -255,6 +256,7 @@ async def log_request(setup: Setup, state: RequestState, response: Response) -> 
         extra = {
             "method": method,
             "route": route,
+            "client": request.remote_addr,
             "status": response.status_code,
             "duration_ms": round(state.duration * 1000, 2),
         }

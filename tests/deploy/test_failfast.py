@@ -1,21 +1,26 @@
 """Fail fast: with PostgreSQL or Redis unreachable, the image's exact start command exits
-non-zero at once, naming the variable, before anything listens. Subprocess timeouts below are
+non-zero at once, naming the variable, before anything listens; Hypercorn started directly,
+without the preflight, says why in one line too. Subprocess timeouts below are
 hang guards, not speed assertions; the measured times are printed (-s shows them)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from service.config import Settings
 from service.ops.preflight import UNREACHABLE_EXIT
+from service.startup import CONFIG_EXIT, STARTUP_FAILED_EXIT
 from tools import ROOT
 from tools.containerfile import STAGES, exec_form, host_env
+from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import free_port
 
 HANG_GUARD = 30
@@ -104,15 +109,85 @@ def test_worker_does_not_wait_for_postgres_it_does_not_use(settings: Settings) -
     assert "DATABASE_URL" not in result.stderr
 
 
-def test_hypercorn_alone_exits_zero_when_startup_fails(settings: Settings) -> None:
-    """Why the preflight exists: Hypercorn 0.18's supervisor reports a failed worker start as
-    success (pgjones/hypercorn#269). If this starts failing, Hypercorn fixed it upstream."""
+def start_hypercorn_directly(
+    settings: Settings, workers: int, **env: str
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The image's CMD alone, without its preflight: what an operator who runs Hypercorn by hand
+    starts. It fails here, so it is run to its end, not served."""
     api = STAGES["api"]
     command = [sys.executable, "-m", *exec_form(api.last("CMD"))]
-    command += ["--bind", f"127.0.0.1:{free_port()}"]
-    env = host_env(api, settings, DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    command += ["--bind", f"127.0.0.1:{free_port()}", "--workers", str(workers)]
+    started = time.monotonic()
     result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD, check=False
+        command,
+        cwd=ROOT,
+        env=host_env(api, settings, **env),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=False,
     )
-    assert "ConnectionRefusedError" in result.stdout + result.stderr
-    assert result.returncode == 0
+    return result, time.monotonic() - started
+
+
+# (the environment's change, the line's text, the exit code of one process)
+DIRECT_START_FAILURES = {
+    "bad setting": ({"DB_POOL_MAX_SIZE": "abc"}, "DB_POOL_MAX_SIZE: ", CONFIG_EXIT),
+    "production without keys": (
+        {"API_KEYS": ""},
+        "API_KEYS must hold at least one key when ENVIRONMENT=production",
+        CONFIG_EXIT,
+    ),
+    "PostgreSQL unreachable": (
+        {"DATABASE_URL": "postgresql://app:s3cret-pw@127.0.0.1:{port}/app"},
+        "DATABASE_URL: cannot connect to PostgreSQL at 127.0.0.1:{port}/app "
+        "(ConnectionRefusedError: ",
+        STARTUP_FAILED_EXIT,
+    ),
+}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("failure", sorted(DIRECT_START_FAILURES))
+def test_hypercorn_started_directly_says_why_in_one_line(
+    settings: Settings, failure: str, workers: int
+) -> None:
+    """No traceback, one line per process naming the variable, never the URL's password. With
+    `--workers 0` the exit code is the app's; with workers it is Hypercorn 0.18's supervisor's,
+    0 whatever the workers' codes (pgjones/hypercorn#269; if this starts failing, Hypercorn
+    fixed it upstream): it restarts none of them, ends the others and exits."""
+    port = str(free_port())
+    changes, line, code = DIRECT_START_FAILURES[failure]
+    env = {name: value.format(port=port) for name, value in changes.items()}
+    result, elapsed = start_hypercorn_directly(settings, workers, **env)
+    printed = result.stdout + result.stderr
+    print(f"\n[direct start] {failure}, --workers {workers}: exit {result.returncode} "
+          f"after {elapsed:.2f} s")  # fmt: skip
+    lines = [json.loads(text) for text in printed.splitlines() if "not starting" in text]
+    # One per process that got that far (the supervisor ends the others as soon as one has
+    # exited); never more: no worker is restarted.
+    assert 1 <= len(lines) <= max(workers, 1), printed
+    for logged in lines:
+        assert logged["level"] == "CRITICAL"
+        assert logged["message"].startswith("not starting: ")
+        assert line.format(port=port) in logged["message"]
+    assert "Traceback (most recent call last)" not in printed
+    assert "s3cret-pw" not in printed
+    assert "Running on" not in printed
+    assert result.returncode == (code if workers == 0 else 0)
+
+
+def test_hypercorn_started_directly_serves_without_redis_and_says_so(settings: Settings) -> None:
+    """Redis is not required to start (the service serves degraded without it), but the start
+    names the variable once."""
+    api = STAGES["api"]
+    dead = {"REDIS_URL": f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"}
+    with hypercorn(free_port(), host_env(api, settings, **dead), "--workers", "0") as (url, proc):
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        printed = output(proc)
+    warnings = [json.loads(text) for text in printed.splitlines() if "REDIS_URL: " in text]
+    assert len(warnings) == 1, printed
+    assert warnings[0]["level"] == "WARNING"
+    assert "is unreachable (ConnectionError" in warnings[0]["message"]
+    assert "serving degraded" in warnings[0]["message"]
+    assert "s3cret-pw" not in printed
