@@ -32,6 +32,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         configure_logging()
     settings = settings or load_settings()
     app = Quart(__name__, static_folder=None)
+    # Werkzeug would answer a path with `//` by a 308 to the merged path, as an HTML page whose
+    # absolute Location is built from the client's Host header: a path with `//` is a 404.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
 
