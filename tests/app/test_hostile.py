@@ -30,7 +30,8 @@ handlers and the database); ``HOSTILE_EXAMPLES=N`` raises both for a longer sear
 ``deadline=None`` (a request's time depends on the machine, not on the input);
 ``derandomize=True`` and no example database: every run sends the same requests, here and in
 CI, so a failure reproduces on the next run (a saved database would not survive a fresh CI
-clone). What the fuzzing found is kept as plain tests at the end of this module.
+clone). The two property tests are marked slow (`make test-fast` leaves them out); what they
+found is kept as plain tests at the end of this module, which `make test-fast` runs.
 """
 
 from __future__ import annotations
@@ -624,6 +625,7 @@ HEALTH_CHECKS = [
 ]
 
 
+@pytest.mark.slow  # about 20 s: left out of `make test-fast`; the regressions below stay in
 @pytest.mark.parametrize("route", ROUTES, ids=lambda route: f"{route[1]} {route[0].rule}")
 @settings(
     max_examples=EXAMPLES,
@@ -642,6 +644,7 @@ async def test_hostile_requests_get_a_problem_never_a_5xx(
     await check(hostile_app, rule, case)
 
 
+@pytest.mark.slow  # about 20 s: left out of `make test-fast`; the regressions below stay in
 @pytest.mark.parametrize("route", WITH_INPUT, ids=lambda route: f"{route[1]} {route[0].rule}")
 @settings(
     max_examples=INPUT_EXAMPLES,
