@@ -45,6 +45,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     # A failed start is one line naming the variable, not Hypercorn's traceback (startup.py).
     app.asgi_lifespan_class = ReportingLifespan
     app.logger.addFilter(without_startup_tracebacks)
+    # Werkzeug would answer a path with `//` by a 308 to the merged path, as an HTML page whose
+    # absolute Location is built from the client's Host header: a path with `//` is a 404.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["QUART_SCHEMA_CONVERSION_PREFERENCE"] = "pydantic"
 

@@ -109,6 +109,8 @@ def problem_statuses(method: str, path: str, operation: Mapping[str, Any]) -> li
         statuses.add(404)
     if places & {"query", "header"}:
         statuses.add(422)
+    if "query" in places:
+        statuses.add(400)  # a query string that is not UTF-8 (service/routes/querystring.py)
     if method.upper() in BODY_METHODS:
         statuses |= {400, 413, 415, 422}
     statuses.update(SPECIFIC_PROBLEMS.get((method, path), ()))

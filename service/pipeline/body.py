@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from typing import Any
+
 from quart import Response, request
 
 from service.contract import BODY_METHODS
@@ -14,7 +18,8 @@ def _has_body() -> bool:
 
 
 async def check(setup: Setup, state: RequestState) -> None:
-    """413 for a body over ``MAX_BODY_BYTES``, 415 for one that is not JSON, 400 for bad UTF-8."""
+    """413 for a body over ``MAX_BODY_BYTES``, 415 for one that is not JSON, 400 for bad UTF-8
+    or for JSON that is not strict (see :func:`_parse_strictly`)."""
     limit = setup.settings.max_body_bytes
     # Refuse an oversized body from its declared length before reading any of it; a chunked
     # body is cut off at the same limit by Quart while it is read.
@@ -29,9 +34,55 @@ async def check(setup: Setup, state: RequestState) -> None:
     body = await request.get_data()
     if isinstance(body, bytes):
         try:
-            body.decode()
+            text = body.decode()
         except UnicodeDecodeError:
             raise APIError(400, "The body is not valid UTF-8.") from None
+        if request.is_json:
+            _parse_strictly(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {key!r} is given twice")
+            seen.add(key)
+    return found
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _bounded_int(digits: str) -> int:
+    limit = sys.get_int_max_str_digits()  # 0: no limit
+    if limit and len(digits.lstrip("-")) > limit:
+        raise ValueError(f"a number has over {limit} digits")
+    return int(digits)
+
+
+def _parse_strictly(text: str) -> None:
+    """400 for a body that is not strict JSON, before Quart parses it for the handler.
+
+    Python's json module (which Quart uses) accepts what JSON does not: NaN and Infinity,
+    and a repeated key, of which it keeps the last (a proxy or another parser may keep the
+    first, so the one body would mean two things). Its errors would reach the client as a
+    500 (a RecursionError for deep nesting) or a bare 400 (a ValueError for a number of over
+    4300 digits). The body is at most MAX_BODY_BYTES, so parsing it twice costs little.
+    """
+    try:
+        json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_not_json,
+            parse_int=_bounded_int,
+        )
+    except RecursionError:
+        raise APIError(400, "The body is not valid JSON: it is nested too deeply.") from None
+    except ValueError as error:
+        raise APIError(400, f"The body is not valid JSON: {error}.") from None
 
 
 async def close_after_refused(setup: Setup, state: RequestState, response: Response) -> Response:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
@@ -21,13 +22,21 @@ from quart import request
 from quart_schema import document_querystring
 from quart_schema.validation import QuerystringValidationError
 
+from service.errors import APIError
+
 Model = TypeVar("Model", bound=BaseModel)
 View = TypeVar("View", bound=Callable[..., Any])
 
 
 def query_arguments() -> dict[str, Any]:
     """The query string as quart-schema reads it: a key given more than once (or ending in
-    ``[]``) becomes a list, any other a string."""
+    ``[]``) becomes a list, any other a string. A 400 when it is not UTF-8."""
+    # Werkzeug decodes percent-escapes that are not UTF-8 as U+FFFD, so `?email=%ff` would
+    # be searched for as "\ufffd": refused instead, as a body that is not UTF-8 is.
+    try:
+        unquote_to_bytes(request.query_string).decode()
+    except UnicodeDecodeError:
+        raise APIError(400, "The query string is not valid UTF-8 once percent-decoded.") from None
     found: dict[str, Any] = {}
     for key, values in request.args.lists():
         if key.endswith("[]"):
