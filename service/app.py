@@ -93,7 +93,7 @@ def _compact_json(app: Quart) -> Any:
     call. The output is the same, keys sorted as Quart sorts them."""
     base: Any = type(app.json)
 
-    class CompactJSONProvider(base):  # type: ignore[misc,valid-type]
+    class CompactJSONProvider(base):  # type: ignore[misc]
         _compact = staticmethod(compact_encoder(base.default, (",", ":"), sort_keys=True))
 
         def dumps(self, obj: Any, **kwargs: Any) -> str:

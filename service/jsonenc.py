@@ -21,7 +21,7 @@ def compact_encoder(
     RecursionError rather than a ValueError.
     """
     item_separator, key_separator = separators
-    make = json.encoder.c_make_encoder
+    make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # no C accelerator in this Python: the library's own path
         encoder = json.JSONEncoder(default=default, separators=separators, sort_keys=sort_keys)
         return encoder.encode

@@ -25,7 +25,7 @@ MIGRATION_LOCK_ID = 7_215_004_311
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class ConnectionAdapter(AsyncPGAdapter):  # type: ignore[misc]
+class ConnectionAdapter(AsyncPGAdapter):
     """aiosql's asyncpg adapter for callers that always pass a connection, never a pool.
 
     aiosql's own adapter wraps every call in ``MaybeAcquire``, which decides whether it was
@@ -37,10 +37,13 @@ class ConnectionAdapter(AsyncPGAdapter):  # type: ignore[misc]
     aiosql's as it is.
     """
 
+    def _args(self, query_name: str, parameters: Any) -> Any:
+        return self.maybe_order_params(query_name, parameters)  # type: ignore[no-untyped-call]
+
     async def select(
         self, conn: Any, query_name: str, sql: str, parameters: Any, record_class: Any = None
     ) -> Any:
-        rows = await conn.fetch(sql, *self.maybe_order_params(query_name, parameters))
+        rows = await conn.fetch(sql, *self._args(query_name, parameters))
         if record_class is None:
             for row in rows:
                 yield row
@@ -51,18 +54,16 @@ class ConnectionAdapter(AsyncPGAdapter):  # type: ignore[misc]
     async def select_one(
         self, conn: Any, query_name: str, sql: str, parameters: Any, record_class: Any = None
     ) -> Any:
-        row = await conn.fetchrow(sql, *self.maybe_order_params(query_name, parameters))
+        row = await conn.fetchrow(sql, *self._args(query_name, parameters))
         if row is not None and record_class is not None:
             return record_class(**dict(row))
         return row
 
     async def select_value(self, conn: Any, query_name: str, sql: str, parameters: Any) -> Any:
-        return await conn.fetchval(sql, *self.maybe_order_params(query_name, parameters))
+        return await conn.fetchval(sql, *self._args(query_name, parameters))
 
-    async def insert_returning(
-        self, conn: Any, query_name: str, sql: str, parameters: Any
-    ) -> Any:
-        row = await conn.fetchrow(sql, *self.maybe_order_params(query_name, parameters))
+    async def insert_returning(self, conn: Any, query_name: str, sql: str, parameters: Any) -> Any:
+        row = await conn.fetchrow(sql, *self._args(query_name, parameters))
         if not row:
             return None
         return row[0] if len(row) == 1 else row
@@ -70,7 +71,7 @@ class ConnectionAdapter(AsyncPGAdapter):  # type: ignore[misc]
     async def insert_update_delete(
         self, conn: Any, query_name: str, sql: str, parameters: Any
     ) -> Any:
-        return await conn.execute(sql, *self.maybe_order_params(query_name, parameters))
+        return await conn.execute(sql, *self._args(query_name, parameters))
 
 
 def load_queries(name: str) -> Any:

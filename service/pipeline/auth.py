@@ -22,7 +22,7 @@ from service.apikeys import ApiKey
 from service.config import Settings
 from service.contract import METHODS, PROBE_PATHS, READ_METHODS
 from service.errors import APIError
-from service.pipeline.state import RequestState, Setup
+from service.pipeline.state import RequestState, Setup, header
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,18 @@ async def warn_when_open(settings: Settings) -> None:
     )
 
 
-async def identify(setup: Setup, state: RequestState) -> None:
+def identify(setup: Setup, state: RequestState) -> None:
     """The scope the request needs and the key it carries (judged later, by :func:`judge`)."""
     settings = setup.settings
-    path = request.path
+    current = state.request
+    assert current is not None
+    path = current.path
     if path in DOCS_PATHS and not settings.docs_served:
         raise APIError(404, "The API description is not served here (DOCS_ENABLED).")
-    method = request.method
+    method = current.method
     # The header names matter only to a CORS preflight (OPTIONS): not gathered for the rest.
     names = (
-        frozenset(name.lower() for name in request.headers.keys())  # noqa: SIM118
+        frozenset(name.decode("latin-1") for name in state.raw_headers)
         if method == "OPTIONS"
         else _NO_NAMES
     )
@@ -132,12 +134,12 @@ async def identify(setup: Setup, state: RequestState) -> None:
     state.scope = scope
     if scope is None:
         return
-    key = find_key(request.headers.get("Authorization"), settings.api_keys)
+    key = find_key(header(state, b"authorization"), settings.api_keys)
     state.key = key
     state.admin = not enforced or (key is not None and "admin" in key.scopes)
 
 
-async def judge(setup: Setup, state: RequestState) -> None:
+def judge(setup: Setup, state: RequestState) -> None:
     """401 without a valid key, 403 for a key without the scope; nothing when keys are off."""
     scope = state.scope
     if scope is None or not setup.settings.api_keys:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Awaitable
 from typing import Any
 
 from quart import Response, request
@@ -17,9 +18,19 @@ def _has_body() -> bool:
     return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
 
 
-async def check(setup: Setup, state: RequestState) -> None:
+def check(setup: Setup, state: RequestState) -> Awaitable[None] | None:
     """413 for a body over ``MAX_BODY_BYTES``, 415 for one that is not JSON, 400 for bad UTF-8
-    or for JSON that is not strict (see :func:`_parse_strictly`)."""
+    or for JSON that is not strict (see :func:`_parse_strictly`).
+
+    A request of a method without a body (GET, DELETE, ...) that declares no length has
+    nothing to check: it costs a look at its headers, and no coroutine."""
+    assert state.request is not None
+    if state.request.method not in BODY_METHODS and b"content-length" not in state.raw_headers:
+        return None
+    return _check(setup)
+
+
+async def _check(setup: Setup) -> None:
     limit = setup.settings.max_body_bytes
     # Refuse an oversized body from its declared length before reading any of it; a chunked
     # body is cut off at the same limit by Quart while it is read.
@@ -85,7 +96,7 @@ def _parse_strictly(text: str) -> None:
         raise APIError(400, f"The body is not valid JSON: {error}.") from None
 
 
-async def close_after_refused(setup: Setup, state: RequestState, response: Response) -> Response:
+def close_after_refused(setup: Setup, state: RequestState, response: Response) -> Response:
     """``Connection: close`` on an error answered to a request that has a body.
 
     A body refused before it was read (413, 415, 401, 429, ...) makes Hypercorn close the

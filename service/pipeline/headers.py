@@ -50,13 +50,21 @@ async def cors(setup: Setup, state: RequestState, response: Response) -> Respons
     return await setup.cors(response)
 
 
-async def exposure(setup: Setup, state: RequestState, response: Response) -> Response:
+def exposure(setup: Setup, state: RequestState, response: Response) -> Response:
     """No cache may keep an answer unless its route says so; no sniffing; the rate limit."""
-    # Responses carry users' data: no shared or browser cache may keep them, unless a route
-    # says otherwise.
-    response.headers.setdefault("Cache-Control", "no-store")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers = response.headers
+    # The names present, looked at once: each `setdefault` would scan them again.
+    present = {name.lower() for name in headers.keys()}  # noqa: SIM118
+    for name, value in _EXPOSURE:
+        if name.lower() not in present:
+            headers.add(name, value)
     if state.rate_limit_headers:
         for name, value in state.rate_limit_headers.items():
-            response.headers.setdefault(name, value)
+            if name.lower() not in present:
+                headers.add(name, value)
     return response
+
+
+# Responses carry users' data: no shared or browser cache may keep them, unless a route says
+# otherwise; no browser may guess a content type.
+_EXPOSURE = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))

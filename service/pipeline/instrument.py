@@ -26,11 +26,13 @@ from service.config import Settings
 from service.contract import METHODS
 from service.obs import metrics, tracing
 from service.obs.host import usable_cpus
-from service.obs.logs import request_id_var
+from service.obs.logs import DirectLines, request_id_var
 from service.obs.loopwatch import LoopWatch, clear_activity, set_activity
 from service.pipeline.state import RequestState, Setup
 
 log = logging.getLogger("service.request")
+# The request line, written straight to the JSON handlers when they are the configured ones.
+_request_lines = DirectLines(log)
 
 blueprint = Blueprint("observe", __name__)
 
@@ -149,9 +151,10 @@ def _labels(state: RequestState) -> tuple[str, str]:
     """The request's method and route template as metrics label them, looked up once per
     request (each read of ``request`` goes through Quart's context-local proxy)."""
     if not state.route:
-        method = request.method
+        current = state.request or request._get_current_object()  # type: ignore[attr-defined]
+        method = current.method
         state.method = method if method in METHODS else "OTHER"
-        rule = request.url_rule
+        rule = current.url_rule
         state.route = rule.rule if rule is not None else UNMATCHED
     return state.method, state.route
 
@@ -171,7 +174,7 @@ def _wants_profile(settings: Settings, state: RequestState) -> bool:
 # -- the steps, in the order the pipeline runs them -----------------------------------------
 
 
-async def start_timer(setup: Setup, state: RequestState) -> None:
+def start_timer(setup: Setup, state: RequestState) -> None:
     """First of all, so the duration includes every step, and a refused request is timed."""
     state.started = time.perf_counter()
 
@@ -179,7 +182,7 @@ async def start_timer(setup: Setup, state: RequestState) -> None:
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 
-async def start_span(setup: Setup, state: RequestState) -> None:
+def start_span(setup: Setup, state: RequestState) -> None:
     """The request's span (installed only while tracing is on): a client's W3C traceparent is
     its parent, and it is current for the rest of the request, so the asyncpg and Redis spans,
     the job's trace context and the log lines' ids all hang below it."""
@@ -198,13 +201,13 @@ async def start_span(setup: Setup, state: RequestState) -> None:
     state.span_token = otel_context.attach(set_span_in_context(span, parent))
 
 
-async def mark_activity(setup: Setup, state: RequestState) -> None:
+def mark_activity(setup: Setup, state: RequestState) -> None:
     """Name what this task serves, so a blocked loop's report says which request held it."""
     method, route = _labels(state)
     set_activity(f"{method} {route} (request {request_id_var.get()})")
 
 
-async def start_profile(setup: Setup, state: RequestState) -> None:
+def start_profile(setup: Setup, state: RequestState) -> None:
     """Profile the request when it carries the profiling token (and may: see _wants_profile)."""
     if _wants_profile(setup.settings, state):
         profiler = Profiler(async_mode="enabled")
@@ -212,7 +215,7 @@ async def start_profile(setup: Setup, state: RequestState) -> None:
         state.profiler = profiler
 
 
-async def end_activity(setup: Setup, state: RequestState, response: Response) -> Response:
+def end_activity(setup: Setup, state: RequestState, response: Response) -> Response:
     """The handler is done: a block from here on is not blamed on it."""
     clear_activity()
     return response
@@ -234,7 +237,7 @@ def _metric_children(method: str, route: str, status: int) -> tuple[Any, Any]:
     return children
 
 
-async def record_metrics(setup: Setup, state: RequestState, response: Response) -> Response:
+def record_metrics(setup: Setup, state: RequestState, response: Response) -> Response:
     """The request's duration, and its count and duration by method, route template, status."""
     state.duration = time.perf_counter() - state.started if state.started else 0.0
     method, route = _labels(state)
@@ -244,30 +247,25 @@ async def record_metrics(setup: Setup, state: RequestState, response: Response) 
     return response
 
 
-async def log_request(setup: Setup, state: RequestState, response: Response) -> Response:
+def log_request(setup: Setup, state: RequestState, response: Response) -> Response:
     """The request's log line: method, route template, status, duration, the client's address
     (behind TRUSTED_PROXIES, the forwarded one: service/pipeline/proxy.py) and, as on every
     line, the request id. No query string and no headers: they may carry credentials or
     personal data."""
     if log.isEnabledFor(logging.INFO):
-        # The record is made and handled directly: Logger.info would walk the stack to find
-        # its caller (findCaller), once per request, for a place that is always this one.
         method, route = _labels(state)
-        extra = {
+        fields = {
             "method": method,
             "route": route,
-            "client": request.remote_addr,
+            "client": (state.request or request).remote_addr,
             "status": response.status_code,
             "duration_ms": round(state.duration * 1000, 2),
         }
-        record = log.makeRecord(
-            log.name, logging.INFO, __file__, _LOG_LINE, "request", (), None, "log_request", extra
-        )
-        log.handle(record)
+        _request_lines.info("request", fields, _LOG_ORIGIN)
     return response
 
 
-async def name_span(setup: Setup, state: RequestState, response: Response) -> Response:
+def name_span(setup: Setup, state: RequestState, response: Response) -> Response:
     """The span named by route template, with the response's status."""
     span = state.span
     if span is not None:
@@ -280,7 +278,7 @@ async def name_span(setup: Setup, state: RequestState, response: Response) -> Re
     return response
 
 
-async def end_span(setup: Setup, state: RequestState) -> None:
+def end_span(setup: Setup, state: RequestState) -> None:
     """At teardown, however the request ended: the span ends and stops being current."""
     span, state.span = state.span, None
     if span is not None:
@@ -291,10 +289,10 @@ async def end_span(setup: Setup, state: RequestState) -> None:
 
 
 # Where the request log line comes from, for its record's pathname and line number.
-_LOG_LINE = log_request.__code__.co_firstlineno
+_LOG_ORIGIN = (__file__, log_request.__code__.co_firstlineno)
 
 
-async def finish_profile(setup: Setup, state: RequestState, response: Response) -> Response:
+def finish_profile(setup: Setup, state: RequestState, response: Response) -> Response:
     """Answer the profile (HTML) instead of the response, for a profiled request."""
     profiler, state.profiler = state.profiler, None
     if profiler is None:
@@ -303,7 +301,7 @@ async def finish_profile(setup: Setup, state: RequestState, response: Response) 
     return Response(profiler.output_html(), status=200, content_type="text/html")
 
 
-async def stop_profile(setup: Setup, state: RequestState) -> None:
+def stop_profile(setup: Setup, state: RequestState) -> None:
     """At teardown: a profile still running (the request was cancelled) is stopped."""
     profiler, state.profiler = state.profiler, None
     if profiler is not None and profiler.is_running:

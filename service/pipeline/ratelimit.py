@@ -21,7 +21,7 @@ async def count(setup: Setup, state: RequestState) -> None:
     if limiter is None or scope is None:
         return
     key = state.key
-    identity = f"key:{key.name}" if key else f"addr:{request.remote_addr or '-'}"
+    identity = f"key:{key.name}" if key else f"addr:{(state.request or request).remote_addr or '-'}"
     verdict = await limiter.hit(scope, identity)
     state.rate_limit_headers = verdict.headers()
     if not verdict.allowed:

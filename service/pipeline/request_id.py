@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 
-from quart import Response, request
+from quart import Response
 
 from service.obs.logs import request_id_var
-from service.pipeline.state import RequestState, Setup
+from service.pipeline.state import RequestState, Setup, header
 
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
-async def assign(setup: Setup, state: RequestState) -> None:
+def assign(setup: Setup, state: RequestState) -> None:
     """Give the request its id, before any step that may log."""
-    given = request.headers.get("X-Request-ID", "")
+    given = header(state, b"x-request-id") or ""
     # Echo a client's id only when it is short and harmless in a header and a log line.
     if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
         request_id_var.set(given)
@@ -23,10 +23,9 @@ async def assign(setup: Setup, state: RequestState) -> None:
         request_id_var.set(os.urandom(16).hex())
 
 
-async def echo(setup: Setup, state: RequestState, response: Response) -> Response:
+def echo(setup: Setup, state: RequestState, response: Response) -> Response:
     """Send the id back, so a client can quote it (Hypercorn's access line logs it from here)."""
     request_id = request_id_var.get()
     if request_id:
         response.headers["X-Request-ID"] = request_id
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
     return response

@@ -10,10 +10,10 @@ it, from any module, Quart or not.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
-from quart import Response, g
+from quart import Request, Response, g, request
 
 from service.apikeys import ApiKey
 from service.backends.resources import Resources
@@ -52,6 +52,13 @@ class Setup:
 class RequestState:
     """One request's state, as the steps fill it in."""
 
+    # The request itself, so steps read it without going through Quart's context-local proxy
+    # (each ``request.x`` resolves the proxy again); None only for a state made outside one.
+    request: Request | None = None
+    # The request's headers as the server gave them (ASGI: lower-case names, bytes), the
+    # first of each name: read once, so a step looks a header up without Werkzeug's
+    # case-insensitive scan (and the exception it raises and catches for an absent one).
+    raw_headers: Mapping[bytes, bytes] = field(default_factory=dict)
     # perf_counter() when the first step ran.
     started: float = 0.0
     # The method and route template as metrics and the log label them, once looked up.
@@ -76,7 +83,11 @@ class RequestState:
 
 def begin_request() -> RequestState:
     """A fresh state for the request now starting, stored on ``g``."""
-    state = RequestState()
+    current: Request = request._get_current_object()  # type: ignore[attr-defined]
+    # reversed: a name given twice keeps its first value, as Werkzeug's Headers.get returns.
+    state = RequestState(
+        current, dict(reversed(cast(list[tuple[bytes, bytes]], current.scope["headers"])))
+    )
     setattr(g, _ATTRIBUTE, state)
     return state
 
@@ -85,3 +96,9 @@ def request_state() -> RequestState:
     """The current request's state (a fresh one if the pipeline has not started it)."""
     state: RequestState | None = g.get(_ATTRIBUTE)
     return state if state is not None else begin_request()
+
+
+def header(state: RequestState, name: bytes) -> str | None:
+    """The request header ``name`` (lower-case), decoded as Quart decodes it; None if absent."""
+    value = state.raw_headers.get(name)
+    return None if value is None else value.decode("latin-1")

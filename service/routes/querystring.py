@@ -33,8 +33,10 @@ def query_arguments() -> dict[str, Any]:
     ``[]``) becomes a list, any other a string. A 400 when it is not UTF-8."""
     # Werkzeug decodes percent-escapes that are not UTF-8 as U+FFFD, so `?email=%ff` would
     # be searched for as "\ufffd": refused instead, as a body that is not UTF-8 is.
+    query = request.query_string
     try:
-        unquote_to_bytes(request.query_string).decode()
+        if b"%" in query or not query.isascii():  # plain ASCII decodes as it is
+            unquote_to_bytes(query).decode()
     except UnicodeDecodeError:
         raise APIError(400, "The query string is not valid UTF-8 once percent-decoded.") from None
     found: dict[str, Any] = {}

@@ -44,14 +44,17 @@ def recorded(steps: Iterable[Step], ran: list[str]) -> list[Step]:
     def before(step: Before | Teardown) -> Before | Teardown:
         async def run(setup: Setup, state: RequestState) -> None:
             ran.append(step.name)
-            await step.run(setup, state)
+            waiting = step.run(setup, state)
+            if waiting is not None:
+                await waiting
 
         return dataclasses.replace(step, run=run)
 
     def after(step: After) -> After:
         async def run(setup: Setup, state: RequestState, response: Response) -> Response:
             ran.append(step.name)
-            return await step.run(setup, state, response)
+            result = step.run(setup, state, response)
+            return result if isinstance(result, Response) else await result
 
         return dataclasses.replace(step, run=run)
 
