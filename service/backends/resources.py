@@ -178,8 +178,14 @@ class connection:  # used as a function: `async with connection() as conn`
         self._conn: asyncpg.Connection | None = None
 
     async def __aenter__(self) -> asyncpg.Connection:
+        pool = self._pool
+        # The wait is bounded only when there is one to bound: with a connection idle, the
+        # acquire takes it at once (one that must reconnect first is bounded by
+        # DB_CONNECT_TIMEOUT), and a timer set and cancelled on every request costs more
+        # than this count of idle connections.
+        within = None if pool.get_idle_size() else self._within
         try:
-            conn: asyncpg.Connection = await self._pool.acquire(timeout=self._within)
+            conn: asyncpg.Connection = await pool.acquire(timeout=within)
         except DB_UNAVAILABLE as error:
             raise _database_unavailable(error) from error
         self._conn = conn
@@ -192,7 +198,12 @@ class connection:  # used as a function: `async with connection() as conn`
             if error is not None:
                 _raise_for(conn, error)
         finally:
-            await _release(self._pool, conn, self._within)
+            # After a clean exit the connection has nothing left to wait for (no query out,
+            # none being cancelled, no transaction to roll back): its release cannot hang, so
+            # it needs no timer. After an error (a cancelled query waits for the server's
+            # cancel, which a partition never sends) or with a transaction open, it is bounded.
+            clean = error is None and not conn.is_in_transaction()
+            await _release(self._pool, conn, None if clean else self._within)
 
 
 def _raise_for(conn: asyncpg.Connection, error: BaseException) -> None:
@@ -241,7 +252,7 @@ def _connection_gone(conn: asyncpg.Connection) -> bool:
         return True
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float | None) -> None:
     # Bounded, since after a cancelled query asyncpg waits for the server's cancel, which a
     # partition never sends. A cancelled request cannot leak the connection: Pool.release
     # shields the release itself (asyncio.shield inside asyncpg), and nothing in it awaits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from itertools import chain
 from typing import Any
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
@@ -21,9 +22,8 @@ PROBLEM_JSON = b"application/problem+json"
 def header_bytes(scope: dict[str, Any]) -> int:
     """The request target plus all header names and values, in bytes."""
     size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-    for name, value in scope["headers"]:
-        size += len(name) + len(value)
-    return size
+    # Summed in C (every name and value, flattened): this runs on every request.
+    return size + sum(map(len, chain.from_iterable(scope["headers"])))
 
 
 def limit_headers(app: ASGIApp, max_bytes: int) -> ASGIApp:
