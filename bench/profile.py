@@ -47,7 +47,7 @@ PARTS: list[tuple[str, str | None, str | None]] = [
     ("    asyncpg Connection.fetch (the query)", r"^Connection\.fetch ", None),
     ("    query timing (service/obs/querylog.py)", r"\(service/obs/querylog\.py", None),
     ("    connection wrapper without the query",
-     r"^(connection|_Connection\.__aenter__|_Connection\.__aexit__) \(service/", r"^Queries\."),
+     r"^(connection\.__aenter__|connection\.__aexit__|_raise_for) \(service/", r"^Queries\."),
     ("    pool release", r"^Pool\.release ", None),
     ("  building the response (make_response)", r"^Quart\.make_response ", None),
     ("  after_request hooks (all)", r"^Quart\.process_response ", None),
