@@ -186,6 +186,8 @@ def _environment(url: str, folder: Path, production: bool) -> dict[str, str]:
         **ensure_services(dict(os.environ)),
         "DATABASE_URL": url,
         "PYTHONPATH": str(ROOT),
+        # The same dict and set layouts in every run (string hashes are seeded per process).
+        "PYTHONHASHSEED": "0",
         "REDIS_PREFIX": f"bench:instructions:{secrets.token_hex(4)}:",
         "DB_POOL_MIN_SIZE": str(CONCURRENCY),
         "DB_POOL_MAX_SIZE": str(CONCURRENCY),
