@@ -198,12 +198,10 @@ class connection:  # used as a function: `async with connection() as conn`
             if error is not None:
                 _raise_for(conn, error)
         finally:
-            # After a clean exit the connection has nothing left to wait for (no query out,
-            # none being cancelled, no transaction to roll back): its release cannot hang, so
-            # it needs no timer. After an error (a cancelled query waits for the server's
-            # cancel, which a partition never sends) or with a transaction open, it is bounded.
-            clean = error is None and not conn.is_in_transaction()
-            await _release(self._pool, conn, None if clean else self._within)
+            # Always bounded: a query cancelled inside the block (even one whose error a
+            # handler caught) makes the release wait for the server's cancel, which a
+            # partition never sends.
+            await _release(self._pool, conn, self._within)
 
 
 def _raise_for(conn: asyncpg.Connection, error: BaseException) -> None:
@@ -252,7 +250,7 @@ def _connection_gone(conn: asyncpg.Connection) -> bool:
         return True
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float | None) -> None:
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, within: float) -> None:
     # Bounded, since after a cancelled query asyncpg waits for the server's cancel, which a
     # partition never sends. A cancelled request cannot leak the connection: Pool.release
     # shields the release itself (asyncio.shield inside asyncpg), and nothing in it awaits

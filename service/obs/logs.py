@@ -145,13 +145,14 @@ class DirectLines:
             current = current.parent if current.propagate else None
         return handlers or None  # none at all: logging's last resort decides
 
-    def info(self, message: str, fields: dict[str, Any], origin: tuple[str, int]) -> None:
+    def info(self, message: str, fields: dict[str, Any], origin: tuple[str, int, str]) -> None:
         """Log ``message`` with the extra ``fields`` at INFO, as ``logger.info(message,
-        extra=fields)`` would from ``origin`` (the caller's file and line)."""
+        extra=fields)`` would from ``origin`` (the caller's file, line and function)."""
+        path, line, func = origin
         handlers = self._handlers() if tracing.TRACER is None else None
         if handlers is None:
             record = self.logger.makeRecord(
-                self.logger.name, logging.INFO, *origin, message, (), None, None, fields
+                self.logger.name, logging.INFO, path, line, message, (), None, func, fields
             )
             self.logger.handle(record)
             return
@@ -173,7 +174,7 @@ class DirectLines:
             except Exception:
                 handler.handleError(
                     self.logger.makeRecord(
-                        self.logger.name, logging.INFO, *origin, message, (), None, None, fields
+                        self.logger.name, logging.INFO, path, line, message, (), None, func, fields
                     )
                 )
             finally:

@@ -23,9 +23,11 @@ wait cost a call, not a coroutine, on every request.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 from quart import Quart, Response
 
@@ -143,7 +145,13 @@ class Pipeline:
         self.setup = setup
         self.steps = tuple(step for step in steps if step.when(setup.settings))
         self._before = tuple(step.run for step in self.steps if isinstance(step, Before))
-        self._after = tuple(step.run for step in self.steps if isinstance(step, After))
+        # (run, whether it is a coroutine function): a plain step's result is the response
+        # itself, whatever its class (a Werkzeug response for a routing redirect, say).
+        self._after = tuple(
+            (step.run, inspect.iscoroutinefunction(step.run))
+            for step in self.steps
+            if isinstance(step, After)
+        )
         self._teardown = tuple(step.run for step in self.steps if isinstance(step, Teardown))
 
     async def before_request(self) -> None:
@@ -157,9 +165,9 @@ class Pipeline:
     async def after_request(self, response: Response) -> Response:
         """The ``after`` steps, each given the response the previous one returned."""
         setup, state = self.setup, request_state()
-        for run in self._after:
+        for run, waits in self._after:
             result = run(setup, state, response)
-            response = result if isinstance(result, Response) else await result
+            response = await cast(Awaitable[Response], result) if waits else cast(Response, result)
         return response
 
     async def teardown_request(self, _: BaseException | None) -> None:

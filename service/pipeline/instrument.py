@@ -289,7 +289,7 @@ def end_span(setup: Setup, state: RequestState) -> None:
 
 
 # Where the request log line comes from, for its record's pathname and line number.
-_LOG_ORIGIN = (__file__, log_request.__code__.co_firstlineno)
+_LOG_ORIGIN = (__file__, log_request.__code__.co_firstlineno, log_request.__name__)
 
 
 def finish_profile(setup: Setup, state: RequestState, response: Response) -> Response:

@@ -54,11 +54,11 @@ def test_the_direct_line_is_the_line_logging_writes(configured: io.StringIO) -> 
     lines = logs.DirectLines(logger)
     token = logs.request_id_var.set("0123abcd")
     try:
-        lines.info("request", dict(FIELDS), (__file__, 1))
+        lines.info("request", dict(FIELDS), (__file__, 1, "here"))
         # With a filter on the logger, the line goes through logging's own chain.
         logger.addFilter(lambda record: True)
         try:
-            lines.info("request", dict(FIELDS), (__file__, 1))
+            lines.info("request", dict(FIELDS), (__file__, 1, "here"))
         finally:
             logger.filters.clear()
     finally:
@@ -80,10 +80,10 @@ def test_another_handler_gets_the_line_through_logging(
 ) -> None:
     logger = logging.getLogger("service.request")
     with caplog.at_level(logging.INFO, logger="service.request"):
-        logs.DirectLines(logger).info("request", dict(FIELDS), (__file__, 7))
+        logs.DirectLines(logger).info("request", dict(FIELDS), (__file__, 7, "there"))
     (record,) = [r for r in caplog.records if r.name == "service.request"]
     assert record.getMessage() == "request"
-    assert (record.pathname, record.lineno) == (__file__, 7)
+    assert (record.pathname, record.lineno, record.funcName) == (__file__, 7, "there")
     assert record.__dict__["route"] == "/users"
     assert len(configured.getvalue().splitlines()) == 1  # and once to the JSON handler
 
