@@ -145,16 +145,20 @@ class DirectLines:
             current = current.parent if current.propagate else None
         return handlers or None  # none at all: logging's last resort decides
 
+    def _record(
+        self, message: str, fields: dict[str, Any], origin: tuple[str, int, str]
+    ) -> logging.LogRecord:
+        path, line, func = origin
+        return self.logger.makeRecord(
+            self.logger.name, logging.INFO, path, line, message, (), None, func, fields
+        )
+
     def info(self, message: str, fields: dict[str, Any], origin: tuple[str, int, str]) -> None:
         """Log ``message`` with the extra ``fields`` at INFO, as ``logger.info(message,
         extra=fields)`` would from ``origin`` (the caller's file, line and function)."""
-        path, line, func = origin
         handlers = self._handlers() if tracing.TRACER is None else None
         if handlers is None:
-            record = self.logger.makeRecord(
-                self.logger.name, logging.INFO, path, line, message, (), None, func, fields
-            )
-            self.logger.handle(record)
+            self.logger.handle(self._record(message, fields, origin))
             return
         entry: dict[str, Any] = {
             "ts": _timestamp(time.time()),
@@ -172,11 +176,7 @@ class DirectLines:
                 handler.stream.write(text + handler.terminator)
                 handler.flush()
             except Exception:
-                handler.handleError(
-                    self.logger.makeRecord(
-                        self.logger.name, logging.INFO, path, line, message, (), None, func, fields
-                    )
-                )
+                handler.handleError(self._record(message, fields, origin))
             finally:
                 handler.release()
 

@@ -116,7 +116,6 @@ def identify(setup: Setup, state: RequestState) -> None:
     """The scope the request needs and the key it carries (judged later, by :func:`judge`)."""
     settings = setup.settings
     current = state.request
-    assert current is not None
     path = current.path
     if path in DOCS_PATHS and not settings.docs_served:
         raise APIError(404, "The API description is not served here (DOCS_ENABLED).")

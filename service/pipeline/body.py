@@ -24,7 +24,6 @@ def check(setup: Setup, state: RequestState) -> Awaitable[None] | None:
 
     A request of a method without a body (GET, DELETE, ...) that declares no length has
     nothing to check: it costs a look at its headers, and no coroutine."""
-    assert state.request is not None
     if state.request.method not in BODY_METHODS and b"content-length" not in state.raw_headers:
         return None
     return _check(setup)

@@ -151,7 +151,7 @@ def _labels(state: RequestState) -> tuple[str, str]:
     """The request's method and route template as metrics label them, looked up once per
     request (each read of ``request`` goes through Quart's context-local proxy)."""
     if not state.route:
-        current = state.request or request._get_current_object()  # type: ignore[attr-defined]
+        current = state.request
         method = current.method
         state.method = method if method in METHODS else "OTHER"
         rule = current.url_rule
@@ -257,7 +257,7 @@ def log_request(setup: Setup, state: RequestState, response: Response) -> Respon
         fields = {
             "method": method,
             "route": route,
-            "client": (state.request or request).remote_addr,
+            "client": state.request.remote_addr,
             "status": response.status_code,
             "duration_ms": round(state.duration * 1000, 2),
         }

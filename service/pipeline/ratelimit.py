@@ -6,8 +6,6 @@ too. While Redis is down each process limits on its own (a local bucket), never 
 
 from __future__ import annotations
 
-from quart import request
-
 from service.errors import APIError
 from service.pipeline.limiter import RateLimiter, Verdict
 from service.pipeline.state import RequestState, Setup
@@ -21,7 +19,7 @@ async def count(setup: Setup, state: RequestState) -> None:
     if limiter is None or scope is None:
         return
     key = state.key
-    identity = f"key:{key.name}" if key else f"addr:{(state.request or request).remote_addr or '-'}"
+    identity = f"key:{key.name}" if key else f"addr:{state.request.remote_addr or '-'}"
     verdict = await limiter.hit(scope, identity)
     state.rate_limit_headers = verdict.headers()
     if not verdict.allowed:

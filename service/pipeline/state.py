@@ -10,7 +10,7 @@ it, from any module, Quart or not.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from quart import Request, Response, g, request
@@ -53,12 +53,12 @@ class RequestState:
     """One request's state, as the steps fill it in."""
 
     # The request itself, so steps read it without going through Quart's context-local proxy
-    # (each ``request.x`` resolves the proxy again); None only for a state made outside one.
-    request: Request | None = None
+    # (each ``request.x`` resolves the proxy again).
+    request: Request
     # The request's headers as the server gave them (ASGI: lower-case names, bytes), the
     # first of each name: read once, so a step looks a header up without Werkzeug's
     # case-insensitive scan (and the exception it raises and catches for an absent one).
-    raw_headers: Mapping[bytes, bytes] = field(default_factory=dict)
+    raw_headers: Mapping[bytes, bytes]
     # perf_counter() when the first step ran.
     started: float = 0.0
     # The method and route template as metrics and the log label them, once looked up.
