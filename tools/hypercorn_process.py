@@ -27,12 +27,24 @@ def wait_until_serving(
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before serving")
         try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                return
+            answer = httpx.get(f"{base_url}/healthz", timeout=1)
         except httpx.TransportError:
             pass
+        else:
+            # The service's own answer, not any 200: a port taken by another server (a
+            # worker's metrics endpoint answers every path) would otherwise pass for it.
+            if answer.status_code == 200 and _is_liveness(answer):
+                return
         time.sleep(0.1)
     raise RuntimeError(f"server at {base_url} did not answer within {timeout} s")
+
+
+def _is_liveness(answer: httpx.Response) -> bool:
+    try:
+        body = answer.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == "ok"
 
 
 @contextmanager

@@ -34,12 +34,23 @@ class ServerError(SystemExit):
     """
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on now, and not one this process was given before.
+
+    The kernel may hand the same ephemeral port to two ``bind(0)`` calls in a row, and a
+    port given out is not bound until its server starts: two servers of one test (an API
+    and a worker's metrics) once got the same port, and the second never served.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -220,7 +220,8 @@ async def test_a_slow_job_keeps_its_lease_and_runs_once_beside_an_idle_worker(
     client: Client, settings: Settings
 ) -> None:
     lease = 1.0
-    n = 20_000_000
+    # About 4 s of CPU on an idle core here: well past 2 leases even on a fast machine.
+    n = 60_000_000
     with (
         worker(settings, task_lease=lease, worker_processes=1) as one,
         worker(settings, task_lease=lease, worker_processes=1) as other,
