@@ -176,8 +176,9 @@ class Settings(BaseSettings):
     task_lease: float = Field(default=5.0, ge=0.5, le=300)
     # Child processes computing tasks in each worker; 0 means one per core.
     worker_processes: int = Field(default=0, ge=0, le=256)
-    # arq polls the queue; 0.5 s (its default) would add 250 ms to every small task.
-    worker_poll_delay: float = Field(default=0.02, gt=0, le=5)
+    # The longest an idle worker waits between polls of the queue. A queued job, an abort and
+    # a freed slot wake it at once (workers/wake.py); the polls catch what no message tells.
+    worker_poll_delay: float = Field(default=0.5, gt=0, le=5)
     # CPU priority (nice) of the compute processes: on a machine shared with the API, requests
     # are served first and the sums take the idle CPU. 0 leaves them at the worker's priority.
     worker_niceness: int = Field(default=10, ge=0, le=19)

@@ -157,6 +157,7 @@ def _run(settings: Settings, loop: asyncio.AbstractEventLoop, stopping: asyncio.
         worker = ResilientWorker(
             **worker_options(settings),
             lease=settings.task_lease,
+            wake_channel=queue.wake_channel(settings),
             stopping=stopping,
             identity=identity,
             workers_key=queue.workers_key(settings),

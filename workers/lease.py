@@ -9,10 +9,10 @@ one lease after its last renewal; a worker that is alive, however slow its job, 
 ``arq`` command line builds arq's own ``Worker`` and so runs without the lease; ``python -m
 workers`` is the entry point.)
 
-The renewal rides on arq's poll loop (its ``heart_beat``), which runs every ``poll_delay``
-also while a stopping worker waits for its jobs to finish. A worker cut off from Redis for
-longer than a lease loses its jobs to other workers and they may run twice: jobs must be
-idempotent, as arq requires anyway.
+The renewal rides on arq's poll loop (its ``heart_beat``), which runs at least every sixth of
+a lease while jobs run (workers/wake.py), also while a stopping worker waits for its jobs. A
+worker cut off from Redis for longer than a lease loses its jobs to other workers and they may
+run twice: jobs must be idempotent, as arq requires anyway.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
 from service.obs.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
-from workers.lease import LeasedWorker
+from workers.wake import WakingWorker
 
 log = logging.getLogger("workers")
 
@@ -44,7 +44,7 @@ def _reraise_cancellation(error: BaseException) -> None:
         raise asyncio.CancelledError from error
 
 
-class ResilientWorker(LeasedWorker):
+class ResilientWorker(WakingWorker):
     """arq's ``Worker``, surviving Redis errors; ``stopping`` is set as soon as SIGTERM or
     SIGINT arrives, so whoever runs the worker knows not to start another."""
 
@@ -80,6 +80,7 @@ class ResilientWorker(LeasedWorker):
         process pool) or the pool's close; the health key then expires by itself."""
         if not self._handle_signals:
             self.handle_sig(Signals.SIGUSR1)
+        await self.stop_listening()
         if not self._pool:
             return
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -104,7 +105,8 @@ class ResilientWorker(LeasedWorker):
         except REDIS_ERRORS as error:
             _reraise_cancellation(error)
             self._note_outage(error)
-            await asyncio.sleep(self._retry_in)
+            # A wake-up (the channel subscribed again, a job announced) says Redis is back.
+            await self.wait_for_wake(self._retry_in)
             self._retry_in = min(self._retry_in * 2, RETRY_MAX)
             return
         finally:

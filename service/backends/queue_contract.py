@@ -23,6 +23,7 @@ from service.config import Settings
 
 __all__ = [
     "JOB_NAME",
+    "WAKE_ABORT",
     "abort_jobs_ss",
     "done_channel",
     "dumps",
@@ -34,6 +35,7 @@ __all__ = [
     "queue_name",
     "result_key_prefix",
     "retry_key_prefix",
+    "wake_channel",
     "worker_identity",
     "workers_key",
 ]
@@ -80,6 +82,16 @@ async def live_workers(client: aioredis.Redis, settings: Settings) -> dict[str, 
             pipe.exists(health_check_key(settings, identity))
         fresh = await pipe.execute()
     return {identity: bool(alive) for identity, alive in zip(identities, fresh, strict=True)}
+
+
+def wake_channel(settings: Settings) -> str:
+    """The API publishes here each job it queues (its id) and each abort of a running job
+    (``WAKE_ABORT``), in the same script that writes it; idle workers listen and poll at once
+    (workers/wake.py)."""
+    return f"{queue_name(settings)}:wake"
+
+
+WAKE_ABORT = b"abort"
 
 
 def done_channel(settings: Settings) -> str:

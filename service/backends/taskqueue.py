@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # KEYS: job, result, queue, owner, the client's outstanding set.
 # ARGV: queue limit, payload, job expiry ms, score (enqueue time), id, owner, client limit,
-# owner ttl ms. The client's set holds its tasks still in the queue (arq keeps a job there
-# until it ends); ids that have left it are dropped first, so the set needs no worker's help.
+# owner ttl ms, wake channel. The client's set holds its tasks still in the queue (arq keeps a
+# job there until it ends); ids that have left it are dropped first, so the set needs no
+# worker's help. The id published on the wake channel starts an idle worker's poll at once.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return -1 end
@@ -45,6 +46,7 @@ redis.call('PEXPIRE', KEYS[5], ARGV[3])
 redis.call('PSETEX', KEYS[1], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 redis.call('PSETEX', KEYS[4], ARGV[8], ARGV[6])
+redis.call('PUBLISH', ARGV[9], ARGV[5])
 return 1
 """
 
@@ -66,10 +68,12 @@ return 1
 
 # A running job is cancelled by the worker that runs it, which polls arq's abort set. Only a
 # job still in the queue is added: arq never removes an entry for a job that has ended.
-# KEYS: queue, abort set. ARGV: id, now ms.
+# The message on the wake channel makes the worker poll, and so cancel the job, at once.
+# KEYS: queue, abort set. ARGV: id, now ms, wake channel, the abort message.
 _ABORT_RUNNING = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
@@ -217,6 +221,7 @@ class TaskQueue:
             self.settings.task_client_limit,
             # The owner record outlives both the unstarted job and its result.
             JOB_EXPIRY_MS + self.settings.task_result_ttl * 1000,
+            queue.wake_channel(self.settings),
         ]
         try:
             outcome = await self._enqueue(keys=keys, args=args)
@@ -374,7 +379,12 @@ class TaskQueue:
         # which ends its child process.
         await self._abort_running(
             keys=[self.queue_name, queue.abort_jobs_ss],
-            args=[task.id, int(time.time() * 1000)],
+            args=[
+                task.id,
+                int(time.time() * 1000),
+                queue.wake_channel(self.settings),
+                queue.WAKE_ABORT,
+            ],
         )
 
     # -- waiting --------------------------------------------------------------------------

@@ -222,10 +222,9 @@ async def test_a_slow_job_keeps_its_lease_and_runs_once_beside_an_idle_worker(
     lease = 1.0
     # About 4 s of CPU on an idle core here: well past 2 leases even on a fast machine.
     n = 60_000_000
-    with (
-        worker(settings, task_lease=lease, worker_processes=1) as one,
-        worker(settings, task_lease=lease, worker_processes=1) as other,
-    ):
+    # The longest idle poll: the renewals must not wait for it (workers/wake.py).
+    slow = {"task_lease": lease, "worker_processes": 1, "worker_poll_delay": 5}
+    with worker(settings, **slow) as one, worker(settings, **slow) as other:
         await _until_logged(other, "worker ready")
         task = await (await submit(client, n)).get_json()
         done = await wait_for_status(client, task["id"], {"complete", "failed"}, within=90)
