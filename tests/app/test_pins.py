@@ -214,6 +214,16 @@ def test_arq_claims_a_job_watching_its_in_progress_key() -> None:
     assert "pipe.watch(in_progress_key)" in claim
 
 
+def test_arq_polls_through_the_methods_the_waking_worker_overrides() -> None:
+    """workers/wake.py waits for its wake-ups at the end of ``_poll_iteration``, with arq's own
+    ``poll_delay`` at 0, and learns of a freed slot from the callback arq adds to each job."""
+    main = inspect.getsource(Worker.main)
+    assert "async for _ in poll(self.poll_delay_s):" in main
+    assert "await self._poll_iteration()" in main
+    claim = inspect.getsource(Worker.start_jobs)
+    assert "self._release_sem_dec_counter_on_complete()" in claim
+
+
 def test_quart_schema_wraps_quarts_own_make_response_on_the_app() -> None:
     app = Quart(__name__)
     own = app.make_response
