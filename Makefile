@@ -51,9 +51,14 @@ migrate: $(VENV)/.installed
 down: $(VENV)/.installed
 	$(PY) -m tools down
 
+# What the benchmark runs besides PostgreSQL and Redis: wrk (the load) and PgBouncer (the
+# service-pgbouncer system).
+BENCH_PACKAGES := wrk:wrk pgbouncer:pgbouncer
+
 ## bench: the benchmark against the Flask original and the bare ASGI ceiling (bench/README.md);
 ## BENCH_ARGS='--quick' for a smoke run
 bench: $(VENV)/.installed
+	sh tools/debian_packages.sh $(BENCH_PACKAGES)
 	$(PY) -m bench $(BENCH_ARGS)
 ## doctor: check the running service (DOCTOR_ARGS='--url http://host:port'): server, event
 ## loops, indexes, connections, Redis and the cache, the worker
