@@ -1,10 +1,11 @@
 """The request header limit (``MAX_HEADER_BYTES``), enforced the same over HTTP/1.1 and HTTP/2.
 
 Hypercorn's own settings do not enforce it: ``h11_max_incomplete_size`` only bounds a head
-that arrives in pieces (Hypercorn reads 64 KiB at a time, so a larger head in one read passes),
-and ``h2_max_header_list_size`` is only advertised to the client, never checked. So the app
-counts what it is given, before Quart builds a request: the request target plus every header
-name and value. Over the limit the answer is ``431`` problem+json.
+that arrives in pieces (Hypercorn reads 64 KiB at a time, so a larger head in one read passes;
+hypercorn.toml sets it to 64 KiB, so that every head under that reaches this check however it
+arrived), and ``h2_max_header_list_size`` is only advertised to the client, never checked. So
+the app counts what it is given, before Quart builds a request: the request target plus every
+header name and value. Over the limit the answer is ``431`` problem+json.
 """
 
 from __future__ import annotations
