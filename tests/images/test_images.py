@@ -296,9 +296,10 @@ async def test_engine_stop_under_load_drops_no_request_in_flight(
         async with httpx.AsyncClient(
             base_url=base, headers=AUTH, timeout=60, limits=limits
         ) as http:
-            # Each a CPU job of about a second on the worker (two compute processes: 4 s in all
-            # on a quiet machine), so every request is still held open when the stop comes.
-            sizes = [10_000_000 + i for i in range(in_flight)]
+            # Each a CPU job of about 2 s on the worker here (two compute processes: 8 s in all
+            # on a quiet machine), so every request is still held open when the stop comes: the
+            # worker starts each job the moment it is queued, and 10**7 took 0.7 s on a fast one.
+            sizes = [30_000_000 + i for i in range(in_flight)]
             requests = [
                 asyncio.create_task(http.get("/heavy-task", params={"n": n})) for n in sizes
             ]
