@@ -25,6 +25,9 @@ from workers.lease import LeasedWorker
 
 log = logging.getLogger("workers")
 
+# The abort message as bytes and as text, whatever the client's decode_responses.
+_ABORT = (queue.WAKE_ABORT, queue.WAKE_ABORT.decode())
+
 
 class WakingWorker(LeasedWorker):
     """arq's ``Worker`` that polls when the API announces a job, a slot frees or an abort
@@ -36,6 +39,8 @@ class WakingWorker(LeasedWorker):
         self.idle_poll_s = poll_delay
         self.wake_channel = wake_channel
         self._wake = asyncio.Event()
+        # A job announced while every slot looked taken: looked for again once one is free.
+        self._queued_while_full = False
         self._listener: asyncio.Task[None] | None = None
 
     # -- waiting between polls (arq's poll loop in ``Worker.main``) -------------------------
@@ -46,8 +51,15 @@ class WakingWorker(LeasedWorker):
         await super()._poll_iteration()
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen())
-        # Running jobs' leases are renewed from the poll loop (LeasedWorker.heart_beat).
-        wait = min(self.idle_poll_s, self._renew_every / 2) if self.job_tasks else self.idle_poll_s
+        if self._queued_while_full and self.job_counter < self.max_jobs:
+            # The slot was taken only by a claim that failed (arq counts a job before it
+            # claims it, and frees the count without a callback when another worker won).
+            self._queued_while_full = False
+            self._wake.set()
+        # Running jobs' leases are renewed from the poll loop (LeasedWorker.heart_beat), and a
+        # job claimed in this poll has a mark of one lease from now: arq's ``tasks`` holds it
+        # from the claim on (``job_tasks`` only once its run has begun).
+        wait = min(self.idle_poll_s, self._renew_every / 2) if self.tasks else self.idle_poll_s
         await self.wait_for_wake(wait)
 
     async def wait_for_wake(self, seconds: float) -> None:
@@ -74,10 +86,12 @@ class WakingWorker(LeasedWorker):
 
     # -- the wake channel -----------------------------------------------------------------
 
-    def _on_message(self, data: bytes) -> None:
+    def _on_message(self, data: bytes | str) -> None:
         # A new job matters only with a slot free; an abort always does (the poll cancels it).
-        if data == queue.WAKE_ABORT or self.job_counter < self.max_jobs:
+        if data in _ABORT or self.job_counter < self.max_jobs:
             self._wake.set()
+        else:
+            self._queued_while_full = True
 
     async def _listen(self) -> None:
         """Relay wake-ups from the channel; after a Redis error, subscribe again with backoff
@@ -103,7 +117,8 @@ class WakingWorker(LeasedWorker):
                     raise asyncio.CancelledError from error
                 log.debug("wake channel interrupted (%s); subscribing again", error)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # Capped low: after an outage the wake-ups come back within a second of Redis.
+                backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

@@ -15,8 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as Client
 
+from service.backends import queue_contract as queue
 from service.config import Settings
 from service.errors import PROBLEM_JSON
 from tests.app.test_tasks import exact, submit, wait_for_status
@@ -217,18 +219,29 @@ def _started(log: str, job_id: str) -> int:
 
 
 async def test_a_slow_job_keeps_its_lease_and_runs_once_beside_an_idle_worker(
-    client: Client, settings: Settings
+    client: Client, settings: Settings, redis_cleanup: aioredis.Redis
 ) -> None:
     lease = 1.0
-    # About 4 s of CPU on an idle core here: well past 2 leases even on a fast machine.
-    n = 60_000_000
-    # The longest idle poll: the renewals must not wait for it (workers/wake.py).
+    # About 7 s of CPU on an idle core here: many leases long even on a fast machine.
+    n = 100_000_000
+    # The worker that runs the job has the longest idle poll: its renewals must not wait for
+    # it, from the poll that claims the job on (workers/wake.py). The other polls every 0.5 s
+    # (the default), so a mark that ran out would be taken, and the job run twice, at once.
     slow = {"task_lease": lease, "worker_processes": 1, "worker_poll_delay": 5}
-    with worker(settings, **slow) as one, worker(settings, **slow) as other:
-        await _until_logged(other, "worker ready")
+    with worker(settings, **slow) as one:
         task = await (await submit(client, n)).get_json()
-        done = await wait_for_status(client, task["id"], {"complete", "failed"}, within=90)
-        logs = [stop(one), stop(other)]
+        running = await wait_for_status(client, task["id"], {"running"}, within=30)
+        assert running["status"] == "running", running
+        mark = queue.in_progress_key_prefix + task["id"]
+        ttls: list[int] = []
+        with worker(settings, task_lease=lease, worker_processes=1) as other:
+            while (await (await client.get(f"/tasks/{task['id']}")).get_json())[
+                "status"
+            ] == "running":
+                ttls.append(await redis_cleanup.pttl(mark))
+                await asyncio.sleep(0.1)
+            done = await wait_for_status(client, task["id"], {"complete", "failed"}, within=90)
+            logs = [stop(one), stop(other)]
     assert done["status"] == "complete", done
     assert done["result"] == exact(n)
     ran = datetime.fromisoformat(done["finished_at"]) - datetime.fromisoformat(done["started_at"])
@@ -236,6 +249,9 @@ async def test_a_slow_job_keeps_its_lease_and_runs_once_beside_an_idle_worker(
     assert ran.total_seconds() > 2 * lease, ran
     assert done["tries"] == 1
     assert sorted(_started(log, task["id"]) for log in logs) == [0, 1], logs
+    # The mark lived the whole time (PTTL -2: gone), read every 0.1 s while the job ran.
+    assert ttls, "the job ended before its mark was read"
+    assert min(ttls[:-1] or ttls) > 0, ttls
 
 
 async def test_compute_processes_yield_the_cpu_to_the_api(

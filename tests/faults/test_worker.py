@@ -111,9 +111,14 @@ async def test_wake_ups_come_back_after_a_redis_restart(settings: Settings) -> N
         try:
             wait_for_health(local, process)
             await asyncio.to_thread(restart, server)
-            await asyncio.sleep(1)  # the worker's reconnect backoff
             waits: list[float] = []
             async with task_queue(local) as queue:
+                # Until the worker has subscribed again (its backoff, on a busy machine).
+                channel = queue_contract.wake_channel(local)
+                deadline = time.monotonic() + 15
+                while (await queue.redis.pubsub_numsub(channel))[0][1] < 1:
+                    assert time.monotonic() < deadline, "the worker never subscribed again"
+                    await asyncio.sleep(0.05)
                 for _ in range(4):
                     task, _ = await queue.submit(1000)
                     done = await wait_for(queue, task.id, {"complete", "failed"}, within=30)
