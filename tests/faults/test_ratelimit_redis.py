@@ -45,8 +45,12 @@ async def test_redis_killed_limits_each_process_on_its_own_then_recovers(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     with private_redis() as server:
-        # Limit 4 per window; with RATE_LIMIT_PROCESSES=2 each process may admit 2 alone.
-        app = create_app(production(settings, redis_url=server.url, rate_limit_read=4))
+        # Limit 4 per window; with RATE_LIMIT_PROCESSES=2 each process may admit 2 alone. An
+        # hour's window: the counts below must all fall in one (with the default minute, a run
+        # crossing a window's end found the outage's counts dropped with their window).
+        app = create_app(
+            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_window=3600)
+        )
         limiter = limiter_of(app)
         async with app.test_app() as test_app:
             client = test_app.test_client()
