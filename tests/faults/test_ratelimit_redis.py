@@ -24,6 +24,11 @@ from tests.app.test_auth import bearer, production
 from tests.support.faultproxy import FaultProxy
 from tools.private_servers import private_redis
 
+# An hour's window: each test's counts must fall in one window. With the default minute, runs
+# that crossed a window's end lost the outage's counts with their window, and a request
+# refused as its window ran out (Verdict reset=1) read as a wrong refusal.
+WINDOW = 3600
+
 
 async def statuses(client: Client, key: str, count: int) -> list[int]:
     return [(await client.get("/users", headers=bearer(key))).status_code for _ in range(count)]
@@ -45,11 +50,9 @@ async def test_redis_killed_limits_each_process_on_its_own_then_recovers(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     with private_redis() as server:
-        # Limit 4 per window; with RATE_LIMIT_PROCESSES=2 each process may admit 2 alone. An
-        # hour's window: the counts below must all fall in one (with the default minute, a run
-        # crossing a window's end found the outage's counts dropped with their window).
+        # Limit 4 per window; with RATE_LIMIT_PROCESSES=2 each process may admit 2 alone.
         app = create_app(
-            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_window=3600)
+            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_window=WINDOW)
         )
         limiter = limiter_of(app)
         async with app.test_app() as test_app:
@@ -84,7 +87,13 @@ async def test_redis_killed_limits_each_process_on_its_own_then_recovers(
 async def test_a_hung_redis_counts_as_down_after_its_socket_timeout(settings: Settings) -> None:
     with private_redis() as server:
         app = create_app(
-            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_timeout=0.2)
+            production(
+                settings,
+                redis_url=server.url,
+                rate_limit_read=4,
+                rate_limit_timeout=0.2,
+                rate_limit_window=WINDOW,
+            )
         )
         limiter = limiter_of(app)
         async with app.test_app() as test_app:
@@ -108,7 +117,13 @@ async def test_a_held_event_loop_does_not_count_as_redis_down(
     caplog.set_level("INFO", logger="service.pipeline.ratelimit")
     with private_redis() as server:
         app = create_app(
-            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_timeout=0.2)
+            production(
+                settings,
+                redis_url=server.url,
+                rate_limit_read=4,
+                rate_limit_timeout=0.2,
+                rate_limit_window=WINDOW,
+            )
         )
         limiter = limiter_of(app)
         async with app.test_app():
@@ -139,7 +154,10 @@ async def test_a_slow_redis_costs_a_request_at_most_the_sync_already_out(
     upstream = urlsplit(settings.redis_url)
     with FaultProxy(upstream.hostname or "127.0.0.1", upstream.port or 6379) as proxy:
         slow = settings.model_copy(
-            update={"redis_url": f"redis://{proxy.host}:{proxy.port}/{upstream.path.strip('/')}"}
+            update={
+                "redis_url": f"redis://{proxy.host}:{proxy.port}/{upstream.path.strip('/')}",
+                "rate_limit_window": WINDOW,
+            }
         )
         limiter = RateLimiter(slow)
         await limiter.start()
