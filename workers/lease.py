@@ -30,6 +30,14 @@ from service.backends.queue_contract import in_progress_key_prefix
 log = logging.getLogger(__name__)
 
 
+def reraise_cancellation(error: BaseException) -> None:
+    """Raise CancelledError if this task was cancelled: redis-py can turn a cancellation that
+    lands mid-command into a TimeoutError, and arq stops its poll loop by cancelling it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
+
+
 class LeasedWorker(Worker):
     """arq's ``Worker`` with in-progress marks of ``lease`` seconds, renewed while jobs run."""
 
@@ -77,10 +85,7 @@ class LeasedWorker(Worker):
             try:
                 await self.renew_leases()
             except (RedisError, OSError) as error:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # A cancellation redis-py turned into an error: the worker is stopping.
-                    raise asyncio.CancelledError from error
+                reraise_cancellation(error)  # the worker is stopping
                 # The next poll tries again; a third of the lease is left for it to succeed.
                 log.warning("could not renew job leases: %s", error)
         await super().heart_beat()

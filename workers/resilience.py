@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
 from service.obs.metrics import REDIS_ERRORS as REDIS_ERRORS_TOTAL
+from workers.lease import reraise_cancellation
 from workers.wake import WakingWorker
 
 log = logging.getLogger("workers")
@@ -34,14 +35,6 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 # Between polls while Redis fails: quick at first, so a blip costs little, then slower.
 RETRY_FIRST = 0.1
 RETRY_MAX = 2.0
-
-
-def _reraise_cancellation(error: BaseException) -> None:
-    """Raise CancelledError if this task was cancelled: redis-py can turn a cancellation that
-    lands mid-command into a TimeoutError, and arq stops its poll loop by cancelling it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from error
 
 
 class ResilientWorker(WakingWorker):
@@ -103,7 +96,7 @@ class ResilientWorker(WakingWorker):
         try:
             await super()._poll_iteration()
         except REDIS_ERRORS as error:
-            _reraise_cancellation(error)
+            reraise_cancellation(error)
             self._note_outage(error)
             # A wake-up (the channel subscribed again, a job announced) says Redis is back.
             await self.wait_for_wake(self._retry_in)
@@ -149,7 +142,7 @@ class ResilientWorker(WakingWorker):
                 await write(*args, **kwargs)
                 return
             except REDIS_ERRORS as error:
-                _reraise_cancellation(error)
+                reraise_cancellation(error)
                 if time.monotonic() + delay > deadline:
                     raise
                 self._note_outage(error)

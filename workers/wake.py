@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from service.backends import queue_contract as queue
-from workers.lease import LeasedWorker
+from workers.lease import LeasedWorker, reraise_cancellation
 
 log = logging.getLogger("workers")
 
@@ -111,10 +111,7 @@ class WakingWorker(LeasedWorker):
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the polls carry on; log and subscribe again
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # redis-py can turn a cancellation into an error: the worker is stopping.
-                    raise asyncio.CancelledError from error
+                reraise_cancellation(error)  # the worker is stopping
                 log.debug("wake channel interrupted (%s); subscribing again", error)
                 await asyncio.sleep(backoff)
                 # Capped low: after an outage the wake-ups come back within a second of Redis.

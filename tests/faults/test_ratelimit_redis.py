@@ -30,6 +30,15 @@ from tools.private_servers import private_redis
 WINDOW = 3600
 
 
+def limited_app(settings: Settings, redis_url: str, **changes: object) -> Quart:
+    """The app in production configuration on ``redis_url``: 4 reads per key and window."""
+    return create_app(
+        production(
+            settings, redis_url=redis_url, rate_limit_read=4, rate_limit_window=WINDOW, **changes
+        )
+    )
+
+
 async def statuses(client: Client, key: str, count: int) -> list[int]:
     return [(await client.get("/users", headers=bearer(key))).status_code for _ in range(count)]
 
@@ -51,9 +60,7 @@ async def test_redis_killed_limits_each_process_on_its_own_then_recovers(
 ) -> None:
     with private_redis() as server:
         # Limit 4 per window; with RATE_LIMIT_PROCESSES=2 each process may admit 2 alone.
-        app = create_app(
-            production(settings, redis_url=server.url, rate_limit_read=4, rate_limit_window=WINDOW)
-        )
+        app = limited_app(settings, server.url)
         limiter = limiter_of(app)
         async with app.test_app() as test_app:
             client = test_app.test_client()
@@ -86,15 +93,7 @@ async def test_redis_killed_limits_each_process_on_its_own_then_recovers(
 
 async def test_a_hung_redis_counts_as_down_after_its_socket_timeout(settings: Settings) -> None:
     with private_redis() as server:
-        app = create_app(
-            production(
-                settings,
-                redis_url=server.url,
-                rate_limit_read=4,
-                rate_limit_timeout=0.2,
-                rate_limit_window=WINDOW,
-            )
-        )
+        app = limited_app(settings, server.url, rate_limit_timeout=0.2)
         limiter = limiter_of(app)
         async with app.test_app() as test_app:
             client = test_app.test_client()
@@ -116,15 +115,7 @@ async def test_a_held_event_loop_does_not_count_as_redis_down(
 ) -> None:
     caplog.set_level("INFO", logger="service.pipeline.ratelimit")
     with private_redis() as server:
-        app = create_app(
-            production(
-                settings,
-                redis_url=server.url,
-                rate_limit_read=4,
-                rate_limit_timeout=0.2,
-                rate_limit_window=WINDOW,
-            )
-        )
+        app = limited_app(settings, server.url, rate_limit_timeout=0.2)
         limiter = limiter_of(app)
         async with app.test_app():
             await limiter.hit("read", "key:warm")  # connection open, script loaded
