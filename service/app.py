@@ -54,8 +54,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     QuartSchema(
         app,
         info=Info(title="quart-service", version="0.1.0"),
-        openapi_path="/openapi.json",
-        swagger_ui_path="/docs",
+        openapi_path=docs.OPENAPI_PATH,
+        # The docs page is the service's own (service/routes/docs.py), not quart-schema's.
+        swagger_ui_path=None,
         redoc_ui_path=None,
         scalar_ui_path=None,
         openapi_provider_class=ServiceOpenAPIProvider,  # documents the problem responses
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     # The same ASGI behaviour as Quart's own connection, with fewer tasks (service/asgi.py).
     app.asgi_http_class = HTTPConnection
     if settings.docs_served:
-        docs.install(app)
+        docs.install(app, settings)
     register_error_handlers(app)
     held = resources.install(app, settings)  # the pool, Redis, the task queue, the report cache
     pipeline.install(app, held)  # every per-request step, in order (service/pipeline/)
