@@ -16,8 +16,10 @@ run: $(VENV)/.installed
 	$(PY) -m tools run
 
 # The servers the tests run besides PostgreSQL and Redis (PgBouncer, Sentinel, Prometheus
-# with promtool).
-SERVER_PACKAGES := pgbouncer:pgbouncer redis-sentinel:redis-sentinel prometheus:prometheus
+# with promtool), and the browser that opens /docs (Debian's chromium, driven by Playwright:
+# tests/e2e/test_docs_browser.py).
+SERVER_PACKAGES := pgbouncer:pgbouncer redis-sentinel:redis-sentinel prometheus:prometheus \
+	chromium:chromium
 
 .PHONY: servers
 servers:
