@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: the health probe above must stay quick, and needs none of them.
     import asyncpg
 
-    from service.backends.db import MigrationChanged, migrate_database
+    from service.backends.db import MigrationChanged, MigrationRefused, migrate_database
     from service.config import ConfigError, load_settings
     from service.ops import preflight
 
@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         except MigrationChanged as error:
             print(f"cannot migrate: {error}", file=sys.stderr)
-            return 4
+            return preflight.MIGRATION_CHANGED_EXIT
+        except MigrationRefused as error:
+            print(f"cannot migrate: {error}", file=sys.stderr)
+            return preflight.MIGRATION_REFUSED_EXIT
         print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     if args.command == "doctor":
         from service.ops.doctor import diagnose, render_table, worst

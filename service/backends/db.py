@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ MIGRATIONS_DIR = SQL_DIR / "migrations"
 
 # Any constant works; it only has to be the same in every process that migrates.
 MIGRATION_LOCK_ID = 7_215_004_311
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sql|py)$")
 
 
 class ConnectionAdapter(AsyncPGAdapter):
@@ -130,18 +132,48 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
 
 
 def migration_files() -> list[tuple[int, str, Path]]:
-    """The migrations in order: ``sql/migrations/NNNN_name.sql``."""
+    """The migrations in order: ``sql/migrations/NNNN_name.sql``, or ``NNNN_name.py`` for one
+    that needs Python (see :func:`migrate`)."""
     found = []
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+    paths = [*MIGRATIONS_DIR.glob("*.sql"), *MIGRATIONS_DIR.glob("*.py")]
+    for path in sorted(paths, key=lambda path: path.name):
         match = _MIGRATION_NAME.match(path.name)
         if not match:
-            raise RuntimeError(f"migration file {path.name} is not named NNNN_name.sql")
+            raise RuntimeError(f"migration file {path.name} is not named NNNN_name.sql (or .py)")
         found.append((int(match.group(1)), match.group(2), path))
+    versions = [version for version, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migration files share a number in {MIGRATIONS_DIR}")
     return found
+
+
+MigrationStep = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+def python_migration(path: Path) -> MigrationStep:
+    """The ``migrate(conn)`` coroutine function of a migration written in Python.
+
+    A migration is Python when its data must pass through code that only Python has (the
+    service's e-mail key, service/emails.py). It runs like a SQL one: in the same transaction,
+    under the same lock, its file's checksum recorded; it runs the code of the release that
+    applies it, which is the point.
+    """
+    spec = importlib.util.spec_from_file_location(f"migration_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load migration {path.name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    step: MigrationStep = module.migrate
+    return step
 
 
 class MigrationChanged(Exception):
     """An applied migration's file is no longer what was applied; the start must stop."""
+
+
+class MigrationRefused(Exception):
+    """A migration found data it must not change by itself (its message says which rows and
+    what to do); nothing of it was applied, and the start must stop until a person decides."""
 
 
 def checksum(path: Path) -> str:
@@ -155,7 +187,9 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     An advisory lock serialises processes that start at once: the second waits, then finds
     nothing left to do. Each migration's checksum is recorded; one applied whose file has
     changed since raises :class:`MigrationChanged` before anything is applied (the schema
-    would no longer be what the files say). Returns the names of the migrations applied now.
+    would no longer be what the files say). A migration that finds data it cannot change
+    safely raises :class:`MigrationRefused`: its transaction is rolled back, so it applies
+    whole or not at all. Returns the names of the migrations applied now.
     """
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
@@ -178,8 +212,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         }
         files = [(version, name, path, checksum(path)) for version, name, path in migration_files()]
         changed = [
-            f"{version:04d}_{name}.sql"
-            for version, name, _, digest in files
+            path.name
+            for version, _, path, digest in files
             if done.get(version) not in (None, digest)
         ]
         if changed:
@@ -198,7 +232,10 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                     )
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                if path.suffix == ".py":
+                    await python_migration(path)(conn)
+                else:
+                    await conn.execute(path.read_text())
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     version,

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 
 from service.backends import checks as readiness
-from service.backends.db import MigrationChanged, migrate_database
+from service.backends.db import MigrationChanged, MigrationRefused, migrate_database
 from service.config import Settings
 from service.obs.logs import configure_logging
 
@@ -33,6 +33,9 @@ log = logging.getLogger("service.ops.preflight")
 UNREACHABLE_EXIT = 3
 # An applied migration's file changed: starting would serve a schema the files do not describe.
 MIGRATION_CHANGED_EXIT = 4
+# A migration found data only a person can decide about (its line names the rows): nothing of
+# it was applied.
+MIGRATION_REFUSED_EXIT = 5
 
 
 DEPENDENCIES = ("postgres", "redis")
@@ -87,6 +90,9 @@ def run(
         except MigrationChanged as error:
             log.error("preflight: cannot migrate: %s", error)
             return MIGRATION_CHANGED_EXIT
+        except MigrationRefused as error:
+            log.error("preflight: cannot migrate: %s", error)
+            return MIGRATION_REFUSED_EXIT
         log.info("preflight: migrations applied: %s", ", ".join(applied) or "none")
     if not command:
         log.info("preflight: %s answer", " and ".join(needs))
