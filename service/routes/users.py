@@ -22,6 +22,7 @@ from quart_schema import document_response, validate_request
 
 from service.backends.db import load_queries
 from service.backends.resources import connection
+from service.emails import email_key, key_of
 from service.errors import APIError, invalid
 from service.openapi import LocationHeader
 from service.routes.querystring import validate_query
@@ -37,11 +38,28 @@ Email = Annotated[
     Field(
         max_length=254,
         description="An address that can receive mail: special-use domains (.test, .local, "
-        ".invalid, .localhost, .onion, .arpa) and IP-address domains are refused.",
+        ".invalid, .localhost, .onion, .arpa) and IP-address domains are refused. One user "
+        "per address in any case: the part before the @ under Unicode case folding, the "
+        "domain as IDNA maps it (README.md, Routes).",
     ),
 ]
 # PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
 NO_NUL = r"^[^\x00]*$"
+# The lookup's address, validated as Email is and turned into its key (service/emails.py): the
+# field then holds the key, which is what the query needs.
+EmailKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=254,
+        pattern=NO_NUL,
+        json_schema_extra={"format": "email"},
+        description="An e-mail address, found in any case: the same address as the one "
+        "stored under Unicode case folding of the part before the @, the domain as IDNA maps "
+        "it (README.md, Routes).",
+    ),
+    AfterValidator(key_of),
+]
 # Whitespace (every character Python's str.strip removes, and a few invisible ones) and NUL.
 _BLANK = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
 # A name holds at least one visible character and no NUL. The limits apply to the name as sent
@@ -105,13 +123,7 @@ class UserChanges(BaseModel):
 class UsersQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=254,
-        pattern=NO_NUL,
-        description="Exact e-mail, any case.",
-    )
+    email: EmailKey | None = None
     limit: int = Field(default=20, ge=1, le=100, description="Page size (keyset pagination).")
     after: str | None = Field(
         default=None, max_length=64, description="The `next` cursor of the previous page."
@@ -160,11 +172,13 @@ def _duplicate(email: str) -> APIError:
 @validate_query(UsersQuery)
 @document_response(UserList)
 async def list_users(query_args: UsersQuery) -> dict[str, Any]:
-    """Find users by e-mail (`?email=`, case-insensitive, zero or one user), or page through all
+    """Find users by e-mail (`?email=`, in any case, zero or one user), or page through all
     users in id order (`?limit=&after=`)."""
     async with connection() as conn:
         if query_args.email is not None:
-            rows = [row async for row in queries.find_users_by_email(conn, email=query_args.email)]
+            rows = [
+                row async for row in queries.find_users_by_email(conn, email_key=query_args.email)
+            ]
             return {"users": [_user_json(row) for row in rows], "next": None}
         after_id = decode_cursor(query_args.after) if query_args.after else 0
         rows = [
@@ -184,7 +198,9 @@ async def create_user(data: NewUser) -> tuple[dict[str, Any], int, dict[str, str
     """Create a user. An e-mail already taken (in any case) is a 409."""
     async with connection() as conn:
         try:
-            row = await queries.create_user(conn, email=data.email, name=data.name)
+            row = await queries.create_user(
+                conn, email=data.email, email_key=email_key(data.email), name=data.name
+            )
         except asyncpg.UniqueViolationError:
             raise _duplicate(data.email) from None
     return _user_json(row), 201, {"Location": f"/users/{row['id']}"}
@@ -207,12 +223,16 @@ async def get_user(user_id: int) -> dict[str, Any]:
 @validate_request(UserChanges)
 @document_response(User)
 async def update_user(user_id: int, data: UserChanges) -> dict[str, Any]:
-    """Change a user's e-mail or name. An e-mail taken by another user is a 409."""
+    """Change a user's e-mail or name. An e-mail taken by another user (in any case) is a
+    409."""
     if user_id > MAX_ID:
         raise _not_found(user_id)
+    key = email_key(data.email) if data.email is not None else None
     async with connection() as conn:
         try:
-            row = await queries.update_user(conn, id=user_id, email=data.email, name=data.name)
+            row = await queries.update_user(
+                conn, id=user_id, email=data.email, email_key=key, name=data.name
+            )
         except asyncpg.UniqueViolationError:
             raise _duplicate(str(data.email)) from None
     if row is None:

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from bench.counters import CpuWindow, per_request_us, process_cpu_ticks
-from bench.database import database_url, drop_database, is_bench_database, new_database_name
+from bench.database import (
+    DOMAIN_SLOTS,
+    database_url,
+    drop_database,
+    is_bench_database,
+    new_database_name,
+)
 from bench.load import wrk_command
 from bench.options import ROOT
 from bench.procs import Group
@@ -32,6 +38,7 @@ from bench.targets import evaluate_targets
 from service.apikeys import hash_key, parse_api_keys
 from service.backends.db import connection_options, migration_url
 from service.config import load_settings
+from service.emails import key_of
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:5000
   2 threads and 32 connections
@@ -228,6 +235,14 @@ def test_the_database_name_is_fresh_and_only_such_names_are_dropped() -> None:
             drop_database("postgresql://127.0.0.1:1/postgres", name)
     url = database_url("postgresql://u@db:5432/app?sslmode=require&search_path=x", first)
     assert url == f"postgresql://u@db:5432/{first}?sslmode=require"
+
+
+def test_the_seeded_addresses_are_their_own_keys() -> None:
+    # bench/sql/seed.sql stores each address as its own key, so the service's lookup finds
+    # every user the load asks for (a wrong key would measure the miss path instead).
+    for i, domain in enumerate(DOMAIN_SLOTS):
+        address = f"user{i * 7919}@{domain}"
+        assert key_of(address) == address
 
 
 def test_production_sends_its_key_with_every_load() -> None:

@@ -100,7 +100,7 @@ async def test_doctor_flags_a_dropped_index(settings: Settings, db: asyncpg.Conn
     with deployment(settings) as base_url:
         code, rows = doctor(settings, base_url)
         assert (code, rows["indexes"][0]) == (0, "PASS")
-        await db.execute("DROP INDEX users_email_lower_key")
+        await db.execute("DROP INDEX users_email_key_key")
         code, rows = doctor(settings, base_url)
     assert code == 1
     assert failing(rows) == {"indexes"}

@@ -16,6 +16,7 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.backends.resources import resources
 from service.config import Settings
+from service.emails import key_of
 from service.errors import PROBLEM_JSON
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
 from tests.support.worker_procs import settings_env
@@ -38,10 +39,11 @@ async def seed_users(db: asyncpg.Connection, count: int, first: int = 1) -> None
     """``count`` users (numbered from ``first``) over 7 domains, created over 365 days."""
     await db.execute(
         """
-        INSERT INTO users (email, name, created_at)
-        SELECT 'user' || i || '@domain' || (i % 7) || '.example', 'User ' || i,
-               now() - (i % 365) * interval '1 day'
-          FROM generate_series($2::int, $2::int + $1::int - 1) AS i
+        INSERT INTO users (email, email_key, name, created_at)
+        SELECT e, e, 'User ' || i, now() - (i % 365) * interval '1 day'
+          FROM generate_series($2::int, $2::int + $1::int - 1) AS i,
+               -- lower-case ASCII: an address that is its own key (service/emails.py)
+               LATERAL (SELECT 'user' || i || '@domain' || (i % 7) || '.example') AS a(e)
         """,
         count,
         first,
@@ -60,7 +62,10 @@ async def test_the_report_counts_users_domains_and_signups_per_day(
         ("e@b.org", now - timedelta(days=40)),
         ("f@c.net", now - timedelta(days=40)),
     ]
-    await db.executemany("INSERT INTO users (email, name, created_at) VALUES ($1, 'x', $2)", rows)
+    await db.executemany(
+        "INSERT INTO users (email, email_key, name, created_at) VALUES ($1, $2, 'x', $3)",
+        [(email, key_of(email), created) for email, created in rows],
+    )
     app = create_app(settings.model_copy(update={"report_top_domains": 2, "report_window_days": 7}))
     async with app.test_app() as test_app:
         response = await test_app.test_client().get(PATH)

@@ -21,12 +21,17 @@ from service.errors import PROBLEM_JSON
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import private_postgres
 
+# Lower-case ASCII: the address is its own key (service/emails.py).
+INSERT_USER = (
+    "INSERT INTO users (email, email_key, name) VALUES ('a@example.com', 'a@example.com', 'A')"
+)
+
 
 async def test_postgres_restart_under_load_costs_503s_not_500s_and_recovers(port: int) -> None:
     with private_postgres() as pg:
         conn = await asyncpg.connect(pg.url)
         await migrate(conn)
-        await conn.execute("INSERT INTO users (email, name) VALUES ('a@example.com', 'A')")
+        await conn.execute(INSERT_USER)
         await conn.close()
         env = {
             "DATABASE_URL": pg.url,
@@ -133,7 +138,7 @@ async def test_a_connection_terminated_mid_report_answers_503_not_500(
 async def test_a_frozen_backend_answers_503_within_the_query_bound_and_frees_the_pool(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    await db.execute("INSERT INTO users (email, name) VALUES ('a@example.com', 'A')")
+    await db.execute(INSERT_USER)
     bounded = settings.model_copy(
         update={"db_statement_timeout_ms": 1000, "db_pool_min_size": 1, "db_pool_max_size": 1}
     )

@@ -33,6 +33,11 @@ from tools.devstack import with_search_path
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import free_port
 
+# Lower-case ASCII: the address is its own key (service/emails.py).
+INSERT_USER = (
+    "INSERT INTO users (email, email_key, name) VALUES ('a@example.com', 'a@example.com', 'A')"
+)
+
 Request = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
 
 # One-way delay the latency tests add, each direction: a 200 ms round trip.
@@ -260,7 +265,7 @@ def schema(service_urls: dict[str, str]) -> Iterator[str]:
                 await conn.execute(statement)
             if migrated:
                 await migrate(conn)
-                await conn.execute("INSERT INTO users (email, name) VALUES ('a@example.com', 'A')")
+                await conn.execute(INSERT_USER)
         finally:
             await conn.close()
 
