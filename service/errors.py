@@ -6,13 +6,14 @@ client gets a 500 problem carrying that id so the two can be matched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
-from quart import Quart, Response
+from quart import Quart, Response, request
 from quart_schema import RequestSchemaValidationError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
@@ -85,6 +86,29 @@ def problem(
     return response
 
 
+# How long a refusal over HTTP/2 waits for the rest of the request's body (see below).
+HTTP2_BODY_WAIT = 2.0
+
+
+async def _read_rest_of_body_over_http2() -> None:
+    """Over HTTP/2, read the rest of a refused request's body before the refusal goes out.
+
+    Hypercorn 0.18 forgets a stream once its response is sent; body data of that stream still
+    arriving then fails in its HTTP/2 protocol (KeyError, pgjones/hypercorn#329) and ends the
+    connection, with every request on it, sometimes before this answer reaches the client.
+    Once the body is read to its end no data can follow. (HTTP/1.1 closes the connection
+    instead: pipeline/body.py.) Bounded: a body over ``MAX_BODY_BYTES`` is cut off by Quart,
+    and one that stalls is waited for ``HTTP2_BODY_WAIT`` seconds at most.
+    """
+    if request.http_version != "2":
+        return
+    try:
+        async with asyncio.timeout(HTTP2_BODY_WAIT):
+            await request.get_data()
+    except (TimeoutError, HTTPException):
+        pass
+
+
 def _validation_errors(error: Exception) -> list[dict[str, Any]]:
     if isinstance(error, ValidationError):
         return [
@@ -103,12 +127,14 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(APIError)
     async def _api_error(error: APIError) -> Response:
+        await _read_rest_of_body_over_http2()
         return problem(
             error.status, error.detail, title=error.title, headers=error.headers, **error.extra
         )
 
     @app.errorhandler(RequestSchemaValidationError)
     async def _invalid_request(error: RequestSchemaValidationError) -> Response:
+        await _read_rest_of_body_over_http2()
         return problem(
             422,
             "The request does not match the schema.",
@@ -119,6 +145,7 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
+        await _read_rest_of_body_over_http2()
         status = error.code or 500
         headers = {}
         if status == 405 and error.get_headers():
@@ -130,6 +157,7 @@ def register_error_handlers(app: Quart) -> None:
         # Routes that can do without Redis (the report, the rate limiter) catch its errors
         # themselves; for the rest (tasks) an outage is a retryable 503, never a 500.
         log.warning("redis unavailable: %s", type(error).__name__)
+        await _read_rest_of_body_over_http2()
         return problem(
             503, "A backing service is unavailable; retry shortly.", headers={"Retry-After": "1"}
         )
@@ -141,4 +169,5 @@ def register_error_handlers(app: Quart) -> None:
             request_id_var.get() or "-",
             exc_info=(type(error), error, error.__traceback__),
         )
+        await _read_rest_of_body_over_http2()
         return problem(500, "An unexpected error occurred; quote the request id when reporting it.")

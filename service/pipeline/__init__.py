@@ -34,7 +34,7 @@ from quart import Quart, Response
 from service.backends.resources import Resources
 from service.config import Settings, split_list
 from service.obs import tracing
-from service.pipeline import auth, body, drain, headers, instrument, ratelimit, request_id
+from service.pipeline import auth, body, drain, headers, instrument, paths, ratelimit, request_id
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
 __all__ = [
@@ -115,6 +115,8 @@ STEPS: tuple[Step, ...] = (
     Before("trace span", instrument.start_span, when=_tracing),
     # Before anything that may log: every line logged from here on carries the request's id.
     Before("request id", request_id.assign),
+    # Werkzeug would match `//users/1` as `/users/1`: refused first, whatever the key.
+    Before("no leading //", paths.refuse_leading_double_slash),
     Before("key and scope", auth.identify),
     # Counted before the key is judged, so a flood of bad keys is limited too.
     Before("rate limit", ratelimit.count, when=_rate_limited),
