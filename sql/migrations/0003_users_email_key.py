@@ -36,8 +36,8 @@ SHOWN = 50
 async def migrate(conn: asyncpg.Connection) -> None:
     await conn.execute('ALTER TABLE users ADD COLUMN email_key text COLLATE "C"')
     await conn.execute(
-        'CREATE TEMPORARY TABLE email_keys (id bigint PRIMARY KEY, email_key text COLLATE "C")'
-        " ON COMMIT DROP"
+        "CREATE TEMPORARY TABLE email_keys"
+        ' (id bigint PRIMARY KEY, email_key text COLLATE "C") ON COMMIT DROP'
     )
     not_addresses: list[int] = []
     batch: list[tuple[int, str]] = []
@@ -47,21 +47,22 @@ async def migrate(conn: asyncpg.Connection) -> None:
         except PydanticCustomError:
             not_addresses.append(row["id"])
         if len(batch) == BATCH:
-            await conn.copy_records_to_table("email_keys", records=batch)
+            await conn.copy_records_to_table("email_keys", records=batch, schema_name="pg_temp")
             batch = []
     if batch:
-        await conn.copy_records_to_table("email_keys", records=batch)
+        await conn.copy_records_to_table("email_keys", records=batch, schema_name="pg_temp")
     shared = [
         list(row["ids"])
         for row in await conn.fetch(
-            "SELECT array_agg(id ORDER BY id) AS ids FROM email_keys"
+            "SELECT array_agg(id ORDER BY id) AS ids FROM pg_temp.email_keys"
             " GROUP BY email_key HAVING count(*) > 1 ORDER BY min(id)"
         )
     ]
     if shared or not_addresses:
         raise MigrationRefused(_refusal(shared, not_addresses))
     await conn.execute(
-        "UPDATE users SET email_key = k.email_key FROM email_keys AS k WHERE k.id = users.id"
+        "UPDATE users SET email_key = k.email_key FROM pg_temp.email_keys AS k"
+        " WHERE k.id = users.id"
     )
     await conn.execute("ALTER TABLE users ALTER COLUMN email_key SET NOT NULL")
     await conn.execute("CREATE UNIQUE INDEX users_email_key_key ON users (email_key)")
