@@ -6,7 +6,8 @@ longer behaves as the code assumes.
 
 from __future__ import annotations
 
-import inspect
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus, deserialize_job, deserialize_result, serialize_result
-from arq.worker import Worker
+from arq.worker import Worker, func
 from quart import Quart
 from quart_schema import QuartSchema
 
@@ -26,6 +27,7 @@ from service.backends import queue_contract as queue
 from service.backends.redis import redis_pool
 from service.backends.taskqueue import JOB_EXPIRY_MS, TaskQueue
 from service.config import Settings, load_settings
+from workers.lease import LeasedWorker
 
 # arq's keys carry no prefix of ours: each test removes the ones it made.
 ARQ_PREFIXES = (
@@ -206,32 +208,163 @@ async def test_a_queued_abort_leaves_a_failed_result_arq_reads_as_cancelled(
     assert result.result == {"error": "CancelledError", "message": ""}
 
 
-def test_arq_claims_a_job_watching_its_in_progress_key() -> None:
-    """The queued abort touches the in-progress key so that a worker claiming the job at that
-    moment fails its transaction: that holds only while arq's claim WATCHes that key."""
-    claim = inspect.getsource(Worker.start_jobs)
-    assert "in_progress_key = in_progress_key_prefix + job_id" in claim
-    assert "pipe.watch(in_progress_key)" in claim
+def _arq_worker(
+    settings: Settings, release: asyncio.Event, worker_class: type[Worker] = Worker, **kwargs: Any
+) -> Worker:
+    """An arq worker on this test's queue, in this process, running ``_job`` as the job; the
+    job ends once ``release`` is set."""
+    pool = ArqRedis(
+        connection_pool=redis_pool(settings),
+        job_serializer=queue.dumps,
+        job_deserializer=queue.loads,
+        default_queue_name=queue.queue_name(settings),
+    )
+    return worker_class(
+        functions=[func(_job, name=queue.JOB_NAME)],
+        redis_pool=pool,
+        queue_name=queue.queue_name(settings),
+        job_serializer=queue.dumps,
+        job_deserializer=queue.loads,
+        handle_signals=False,
+        health_check_key=f"{settings.redis_prefix}health",
+        ctx={"release": release},
+        **kwargs,
+    )
 
 
-def test_arq_polls_through_the_methods_the_waking_worker_overrides() -> None:
-    """workers/wake.py waits for its wake-ups at the end of ``_poll_iteration``, with arq's own
-    ``poll_delay`` at 0, and learns of a freed slot from the callback arq adds to each job."""
-    main = inspect.getsource(Worker.main)
-    assert "async for _ in poll(self.poll_delay_s):" in main
-    assert "await self._poll_iteration()" in main
-    claim = inspect.getsource(Worker.start_jobs)
-    assert "self._release_sem_dec_counter_on_complete()" in claim
+async def _job(ctx: dict[str, Any], n: int) -> int:
+    await ctx["release"].wait()
+    return n + 1
 
 
-def test_quart_schema_wraps_quarts_own_make_response_on_the_app() -> None:
-    app = Quart(__name__)
-    own = app.make_response
-    QuartSchema(app)
-    assert "make_response" in vars(app)  # set on the app, so `del` uncovers Quart's method
-    assert vars(app)["make_response"].__wrapped__ == own
-    del app.make_response
-    assert app.make_response == MethodType(Quart.make_response, app)
+async def _until(condition: Any, what: str, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_queued_abort_landing_inside_arqs_claim_makes_the_claim_fail(
+    settings: Settings, task_queue: TaskQueue, job_ids: list[str]
+) -> None:
+    """The queued abort writes the job's in-progress key, so that a worker claiming the job in
+    that instant fails its transaction instead of running an aborted job: arq's claim must
+    WATCH that key. The abort is made to land between arq's reads and its EXEC."""
+    task, _ = await task_queue.submit(7)
+    job_ids.append(task.id)
+    worker = _arq_worker(settings, asyncio.Event())
+    landed: list[bool] = []
+    make_pipeline = worker.pool.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = make_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def abort_then_execute(*a: Any, **k: Any) -> Any:
+            if not landed:
+                landed.append(True)
+                await task_queue.abort(task)  # another client, between the reads and EXEC
+            return await execute(*a, **k)
+
+        pipe.execute = abort_then_execute
+        return pipe
+
+    worker.pool.pipeline = pipeline  # type: ignore[method-assign]
+    try:
+        await worker.start_jobs([task.id.encode()])
+        assert landed == [True]  # the claim reached its EXEC
+        assert worker.tasks == {}  # and it failed: no run started
+        assert worker.job_counter == 0
+    finally:
+        await worker.close()
+    aborted = await task_queue.get(task.id)
+    assert aborted is not None
+    assert (aborted.status, aborted.error) == ("failed", "aborted")
+
+
+async def test_arqs_poll_loop_polls_through_poll_iteration_and_calls_back_as_a_job_ends(
+    settings: Settings, arq_redis: ArqRedis, job_ids: list[str]
+) -> None:
+    """workers/wake.py waits for its wake-ups inside ``_poll_iteration`` (with arq's own
+    ``poll_delay`` at 0), and learns that a slot is free from the callback arq adds to each
+    job, ``_release_sem_dec_counter_on_complete``: arq's loop must go through both."""
+    seen = {"polls": 0, "ends": 0}
+
+    class Probe(Worker):
+        async def _poll_iteration(self) -> None:
+            seen["polls"] += 1
+            await super()._poll_iteration()
+
+        def _release_sem_dec_counter_on_complete(self) -> None:
+            seen["ends"] += 1
+            super()._release_sem_dec_counter_on_complete()
+
+    job = await arq_redis.enqueue_job(queue.JOB_NAME, 41, _job_id=uuid.uuid4().hex)
+    assert job is not None
+    job_ids.append(job.job_id)
+    release = asyncio.Event()
+    release.set()
+    worker = _arq_worker(settings, release, Probe, poll_delay=0.05)
+    main = asyncio.ensure_future(worker.main())
+    try:
+        await _until(lambda: seen["ends"] == 1, "the job's end called back")
+        assert seen["polls"] >= 1
+        assert await job.result(timeout=10, poll_delay=0.05) == 42
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        await worker.close()
+
+
+async def test_arqs_claim_marks_a_job_for_the_lease_and_lists_it_while_it_runs(
+    settings: Settings, arq_redis: ArqRedis, job_ids: list[str]
+) -> None:
+    """workers/lease.py sets arq's ``in_progress_timeout_s`` to the lease, which arq's claim
+    uses for the in-progress mark, and renews the marks of the jobs in arq's ``job_tasks``."""
+    job = await arq_redis.enqueue_job(queue.JOB_NAME, 1, _job_id=uuid.uuid4().hex)
+    assert job is not None
+    job_ids.append(job.job_id)
+    release = asyncio.Event()
+    worker = _arq_worker(settings, release, LeasedWorker, lease=3.0, job_timeout=600)
+    assert isinstance(worker, LeasedWorker)
+    try:
+        await worker.start_jobs([job.job_id.encode()])
+        await _until(lambda: worker.computing_job_ids() == [job.job_id], "the job listed")
+        mark_ms = await arq_redis.pttl(queue.in_progress_key_prefix + job.job_id)
+        assert 0 < mark_ms <= 3000  # the lease, not job_timeout + 10 s
+        await arq_redis.pexpire(queue.in_progress_key_prefix + job.job_id, 500)
+        await worker.renew_leases()
+        assert await arq_redis.pttl(queue.in_progress_key_prefix + job.job_id) > 2000
+        release.set()
+        await _until(lambda: worker.computing_job_ids() == [], "the job's end")
+    finally:
+        release.set()
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        await worker.close()
+
+
+async def test_deleting_quart_schemas_make_response_leaves_returned_values_unconverted() -> None:
+    """service/app.py deletes the ``make_response`` QuartSchema sets on the app, so that a
+    returned dict skips quart-schema's conversion. With ``convert_casing`` that conversion
+    shows: keys come out camelCase through quart-schema, as written through Quart alone."""
+
+    def app_with_schema() -> Quart:
+        app = Quart(__name__)
+        QuartSchema(app, convert_casing=True)
+
+        @app.get("/")
+        async def index() -> dict[str, int]:
+            return {"snake_case": 1}
+
+        return app
+
+    converted = app_with_schema()
+    assert await (await converted.test_client().get("/")).get_json() == {"snakeCase": 1}
+    plain = app_with_schema()
+    del plain.make_response  # as create_app does: Quart's own method is what is left
+    assert await (await plain.test_client().get("/")).get_json() == {"snake_case": 1}
+    assert plain.make_response == MethodType(Quart.make_response, plain)
 
 
 def test_create_app_serves_with_quarts_own_make_response() -> None:
