@@ -16,7 +16,7 @@ cancelled mid-way (a client gone), when the ``after`` steps do not run.
 A step is a named function of a module here, taking the app's :class:`Setup` and the
 request's :class:`RequestState` (and the response, for ``after`` steps); a step that a setting
 switches off is not installed at all, so it costs nothing. A step that waits on nothing is a
-plain function, and the others (the rate limit, the body checks, CORS) coroutine functions:
+plain function, and the others (the rate limit, the body checks) coroutine functions:
 the pipeline awaits what a step returns only when it is awaitable, so the steps that never
 wait cost a call, not a coroutine, on every request.
 """
@@ -32,7 +32,7 @@ from typing import cast
 from quart import Quart, Response
 
 from service.backends.resources import Resources
-from service.config import Settings, split_list
+from service.config import Settings
 from service.obs import tracing
 from service.pipeline import auth, body, drain, headers, instrument, paths, ratelimit, request_id
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
@@ -65,10 +65,6 @@ def _keys_configured(settings: Settings) -> bool:
 
 def _rate_limited(settings: Settings) -> bool:
     return settings.rate_limited
-
-
-def _cors_configured(settings: Settings) -> bool:
-    return bool(split_list(settings.cors_allow_origins))
 
 
 def _profiling(settings: Settings) -> bool:
@@ -133,7 +129,6 @@ STEPS: tuple[Step, ...] = (
     After("profile", instrument.finish_profile, when=_profiling),
     After("request id header", request_id.echo),
     After("connection close after a refused body", body.close_after_refused),
-    After("cors", headers.cors, when=_cors_configured),
     After("exposure headers", headers.exposure),
     Teardown("profiler stop", instrument.stop_profile, when=_profiling),
     Teardown("trace span end", instrument.end_span, when=_tracing),
@@ -196,13 +191,15 @@ def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipel
     warning of a service without keys, the drain on SIGTERM, the per-process watchers."""
     settings = held.settings
     limiter = ratelimit.RateLimiter(settings) if settings.rate_limited else None
-    pipeline = Pipeline(Setup(held, limiter, headers.cors_policy(settings)), steps)
+    pipeline = Pipeline(Setup(held, limiter), steps)
     if limiter is not None:
         # Its sync task runs while the app serves (and its own Redis connection with it).
         app.before_serving(limiter.start)
         app.after_serving(limiter.stop)
     app.extensions[_EXTENSION] = pipeline
     app.before_request(pipeline.before_request)
+    # Registered first, so it runs after the ``after`` steps (service/pipeline/headers.py).
+    headers.install_cors(app, settings)
     app.after_request(pipeline.after_request)
     if any(isinstance(step, Teardown) for step in pipeline.steps):
         app.teardown_request(pipeline.teardown_request)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import cast
-
 import quart_cors
-from quart import Blueprint, Response
+from quart import Quart, Response
 
 from service.config import Settings, split_list
 from service.contract import METHODS
@@ -15,23 +12,19 @@ from service.pipeline.state import RequestState, Setup
 CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
 CORS_EXPOSED = ["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-ID"]
 
-CorsFunction = Callable[[Response], Awaitable[Response]]
+def install_cors(app: Quart, settings: Settings) -> None:
+    """quart-cors's policy for ``CORS_ALLOW_ORIGINS`` on ``app``; nothing when none is set.
 
-
-def cors_policy(settings: Settings) -> CorsFunction | None:
-    """quart-cors's response function for ``CORS_ALLOW_ORIGINS``; None when none is set.
-
-    quart-cors offers its policy only as an ``after_request`` function it registers on what it
-    is given. It is given a blueprint that is never registered, and the function is taken from
-    it, so the CORS step runs at its place in the pipeline rather than wherever Quart's reverse
-    order of ``after_request`` functions would put it.
+    quart-cors applies it as an ``after_request`` function of the app. The pipeline installs
+    this before its own hook, and Quart runs ``after_request`` functions in the reverse order
+    of registration: the CORS headers are added last, to the response every ``after`` step has
+    finished (a profile included).
     """
     origins = split_list(settings.cors_allow_origins)
     if not origins:
-        return None
-    holder = Blueprint("cors_policy", __name__)
+        return
     quart_cors.cors(
-        holder,
+        app,
         allow_origin=origins,
         allow_headers=CORS_HEADERS,
         allow_methods=sorted(METHODS),
@@ -39,15 +32,6 @@ def cors_policy(settings: Settings) -> CorsFunction | None:
         allow_credentials=False,
         max_age=600,
     )
-    (function,) = holder.after_request_funcs[None]
-    return cast(CorsFunction, function)
-
-
-async def cors(setup: Setup, state: RequestState, response: Response) -> Response:
-    """The CORS headers, for an allowed origin."""
-    if setup.cors is None:
-        return response
-    return await setup.cors(response)
 
 
 def exposure(setup: Setup, state: RequestState, response: Response) -> Response:

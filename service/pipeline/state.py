@@ -9,11 +9,11 @@ it, from any module, Quart or not.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from quart import Request, Response, g, request
+from quart import Request, g, request
 
 from service.apikeys import ApiKey
 from service.backends.resources import Resources
@@ -39,8 +39,6 @@ class Setup:
     resources: Resources
     # None when rate limits are off.
     limiter: RateLimiter | None
-    # quart-cors's response function; None when no CORS origin is configured.
-    cors: Callable[[Response], Awaitable[Response]] | None
 
     @property
     def settings(self) -> Settings:
