@@ -12,7 +12,7 @@ something unexpected.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from pydantic import BaseModel
 from quart import Quart
@@ -201,8 +201,10 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
     """quart-schema's description, plus the problem responses of every operation, readable
     operation ids (the handler's name: ``get_user``, not ``get_get_user``) and tags."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, app: Quart, *args: Any, **kwargs: Any) -> None:
+        super().__init__(app, *args, **kwargs)
+        # Kept here: the provider's own reference to the app is private to quart-schema.
+        self.app = app
         self._tags: dict[tuple[str, str], str] = {}
 
     def operation_id(self, method: str, path: str, func: Callable[..., Any]) -> str | None:
@@ -218,7 +220,7 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
         document["info"]["license"] = LICENSE
         used = sorted(set(self._tags.values()))
         document["tags"] = [{"name": name, "description": TAGS[name]} for name in used]
-        settings = resources(cast(Quart, self._app)).settings
+        settings = resources(self.app).settings
         _apply_task_limit(document, settings.task_max_n)
         if settings.api_keys:
             _apply_security(document)
