@@ -97,3 +97,47 @@ async def test_sigterm_under_load_completes_in_flight_requests(
     assert "hung" not in late
     with socket.socket() as probe:  # the port is released once the server is gone
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+async def test_a_request_outlasting_graceful_timeout_does_not_hold_the_shutdown(
+    settings: Settings, port: int, redis_cleanup: aioredis.Redis, workers: str
+) -> None:
+    """graceful_timeout bounds the drain on every Python.
+
+    From Python 3.12 on, asyncio's ``Server.wait_closed()`` waits for every open connection,
+    and Hypercorn awaits it before it starts counting ``graceful_timeout``
+    (pgjones/hypercorn#308): with asyncio's loop, one request longer than the timeout holds
+    the shutdown for as long as it runs. uvloop's server, the ``worker_class`` hypercorn.toml
+    sets, returns once its listening sockets are closed, so the timeout holds. This fails if
+    that changes (uvloop, Hypercorn, or hypercorn.toml's worker class)."""
+    graceful = 2
+    counter = f"{settings.redis_prefix}in-flight"
+    with hypercorn(
+        port,
+        settings_env(settings),
+        "--workers",
+        workers,
+        "--graceful-timeout",
+        str(graceful),
+        app="tests.support.slow_app:create_app()",
+        new_session=True,
+    ) as (base_url, process):
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+            long = asyncio.create_task(http.get("/_test/slow", params={"s": 60}))
+            while not await redis_cleanup.get(counter):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            exit_code = await asyncio.to_thread(process.wait, 90)
+            exited_after = time.monotonic() - started
+            (answer,) = await asyncio.gather(long, return_exceptions=True)
+    print(
+        f"\n[graceful_timeout/workers={workers}] a 60 s request in flight; exit {exit_code} "
+        f"after {exited_after:.1f} s (graceful_timeout {graceful} s); the request: "
+        f"{getattr(answer, 'status_code', type(answer).__name__)}"
+    )
+    assert exit_code == 0
+    # Cut at the timeout: far below the request's 60 s, with room for a busy machine.
+    assert exited_after < graceful + 20
+    assert not (isinstance(answer, httpx.Response) and answer.status_code == 200)
