@@ -12,6 +12,7 @@ from service.pipeline.state import RequestState, Setup
 CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"]
 CORS_EXPOSED = ["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-ID"]
 
+
 def install_cors(app: Quart, settings: Settings) -> None:
     """quart-cors's policy for ``CORS_ALLOW_ORIGINS`` on ``app``; nothing when none is set.
 
