@@ -17,7 +17,9 @@ and how large it is; ``python -m tools.images base`` only makes sure the base im
 - **Format:** ``--format docker``: the OCI image format has no HEALTHCHECK, and Buildah drops it
   from an OCI image without a word. The build fails here if it went missing anyway.
 - **Labels:** ``org.opencontainers.image.{source,revision,version,created}`` from git and
-  pyproject.toml (``IMAGE_SOURCE`` overrides the source when the clone has no ``origin``).
+  pyproject.toml (``IMAGE_SOURCE`` overrides the source when the clone has no ``origin``);
+  ``org.opencontainers.image.base.name`` (the base used) and ``python.version``, the X.Y of
+  ``PYTHON_IMAGE``'s Python, which the build checks against the base's interpreter.
 
 Environment: ``PYTHON_IMAGE``, ``IMAGE_TAG`` (default: the version; ``latest`` too),
 ``IMAGE_SOURCE``, ``DEBIAN_MIRROR`` (default ``http://deb.debian.org``), ``PIP_INDEX_URL`` and
@@ -300,6 +302,7 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, dict[str, float]]:
     """Build the targets; returns each one's build seconds and size in MB."""
     ensure_installed("podman", "buildah", "runc")
     base = base_image(default_python_image())
+    _, python = _release_and_python(default_python_image())
     values = labels()
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="images-secrets-") as tmp:
@@ -324,6 +327,8 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, dict[str, float]]:
                 str(CONTAINERFILE),
                 "--build-arg",
                 f"PYTHON_IMAGE={base}",
+                "--build-arg",
+                f"PYTHON_VERSION={python}",
                 *(arg for item in values.items() for arg in ("--build-arg", "=".join(item))),
                 *secrets,
                 str(ROOT),
@@ -340,6 +345,8 @@ def build(targets: tuple[str, ...] = TARGETS) -> dict[str, dict[str, float]]:
             missing -= set(found.get("Labels") or {})
             if missing:
                 raise ImageError(f"{name} lacks the labels {sorted(missing)}")
+            if (found.get("Labels") or {}).get("python.version") != python:
+                raise ImageError(f"{name} does not say it carries Python {python}")
             size = float(str(found["Size"])) / 1e6
             figures[target] = {"seconds": round(seconds, 1), "mb": round(size, 1)}
             _say(f"built {name} in {seconds:.1f} s, {size:.0f} MB")

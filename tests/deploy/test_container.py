@@ -23,6 +23,7 @@ from packaging.requirements import Requirement
 from service.config import Settings
 from tools import ROOT
 from tools.containerfile import (
+    ARGS,
     AUTH,
     CONTAINERFILE,
     STAGES,
@@ -37,6 +38,8 @@ LOCK = ROOT / "requirements.lock"
 
 def test_containerfile_is_multi_stage_from_a_pinned_base() -> None:
     assert {"build", "runtime", "api", "worker"} <= STAGES.keys()
+    # The images' python.version label names the default base's Python.
+    assert ARGS["PYTHON_IMAGE"].startswith(f"python:{ARGS['PYTHON_VERSION']}.")
     assert list(STAGES)[-1] == "api"  # a plain `docker build .` gives the API image
     for stage in STAGES.values():
         if stage.base in STAGES:

@@ -167,6 +167,13 @@ def test_images_carry_labels_healthchecks_and_a_numeric_non_root_user(
             r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels["org.opencontainers.image.created"]
         )
         assert labels["org.opencontainers.image.source"] not in ("", "unknown")
+        # The Python the image says it carries is the one it runs.
+        carried = podman(
+            "run", "--rm", *run_limits(), "--entrypoint", "python", image, "-c",
+            "import sys; print('%d.%d' % sys.version_info[:2])",
+        )  # fmt: skip
+        assert labels["python.version"] == carried
+        assert labels["org.opencontainers.image.base.name"] not in ("", "unknown")
         health = found["Healthcheck"]
         assert isinstance(health, dict)
         assert health["Test"] == ["CMD", *healthcheck_command(STAGES[target])]
