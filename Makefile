@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test
+.PHONY: run test test-fast test-py test-pythons lock-check check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,38 @@ test: $(VENV)/.installed servers
 ## that starts a process.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests/app -m 'not slow' $(PYTEST_ARGS)
+
+# The other Pythons requires-python admits (>=3.11) that CI tests: the whole suite runs on the
+# default python3 (3.11, `make test`), and on each of these what differs between Pythons.
+PY_VERSIONS ?= 3.12 3.13
+PY_VERSION ?= 3.13
+# The app in-process and over HTTP under Hypercorn, the drain, shutdown and start-failure paths
+# (Hypercorn's shutdown waits differently from Python 3.12 on: pgjones/hypercorn#308), and the
+# worker's SIGTERM and Redis-restart paths over arq's internals.
+PY_TESTS ?= tests/app tests/e2e tests/deploy/test_shutdown.py tests/deploy/test_drain_readiness.py \
+	tests/deploy/test_failfast.py tests/faults/test_worker.py
+
+# A virtualenv per Python (.venv-3.13, ...), the interpreter from pyenv or PATH; without it,
+# tools/find_python.sh stops naming what to install.
+.venv-%/.installed: pyproject.toml
+	python=$$(sh tools/find_python.sh $*) && "$$python" -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-$*/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## test-py: PY_TESTS on Python PY_VERSION (default 3.13) in its own .venv-PY_VERSION, e.g.
+## `make test-py PY_VERSION=3.12`
+test-py: .venv-$(PY_VERSION)/.installed servers
+	.venv-$(PY_VERSION)/bin/python -m pytest $(PY_TESTS) $(PYTEST_ARGS)
+
+## test-pythons: test-py on each of PY_VERSIONS (CI runs it)
+test-pythons:
+	@for version in $(PY_VERSIONS); do $(MAKE) --no-print-directory test-py PY_VERSION=$$version || exit 1; done
+
+## lock-check: requirements.lock installed (hashes checked, wheels only, as the images do) on
+## 3.11 and each of PY_VERSIONS, and the app and worker loaded from it (tools/lockcheck.py)
+lock-check: $(VENV)/.installed
+	$(PY) -m tools lock-check 3.11 $(PY_VERSIONS)
 
 ## check: lint, format check, types, import contracts (pyproject.toml)
 check: $(VENV)/.installed
@@ -100,4 +132,4 @@ soak: $(VENV)/.installed
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
+	rm -rf $(VENV) .venv-*/ .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -37,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "cluster-test", help="the many-host run over network namespaces (make cluster-test)"
     )
+    commands.add_parser(
+        "lock-check", help="install requirements.lock on each given Python (make lock-check)"
+    )
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["images"]:
         from tools.images import main as images_main
 
         return images_main(["build", *given[1:]])
+    if given[:1] == ["lock-check"]:
+        from tools.lockcheck import main as lockcheck_main
+
+        return lockcheck_main(given[1:])
     if given[:1] == ["cluster-test"]:
         from tools.cluster import main as cluster_main
 
