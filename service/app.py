@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from quart import Quart
 from quart_schema import Info, QuartSchema
 
 from service import pipeline
-from service.asgi import HTTPConnection
 from service.backends import resources
 from service.config import ConfigError, Settings, load_settings
 from service.errors import register_error_handlers
-from service.jsonenc import compact_encoder
 from service.obs.logs import configure_logging
 from service.openapi import ServiceOpenAPIProvider
 from service.pipeline import instrument
@@ -66,9 +63,6 @@ def create_app(settings: Settings | None = None) -> Quart:
     # handlers here return plain JSON-ready dicts, never models, so Quart's own make_response
     # serves them as they are. (A handler that returns a pydantic model must dump it itself.)
     del app.make_response
-    app.json = _compact_json(app)
-    # The same ASGI behaviour as Quart's own connection, with fewer tasks (service/asgi.py).
-    app.asgi_http_class = HTTPConnection
     if settings.docs_served:
         docs.install(app, settings)
     register_error_handlers(app)
@@ -85,24 +79,3 @@ def create_app(settings: Settings | None = None) -> Quart:
     # Outermost: an oversized head is refused before Quart builds a request from it.
     app.asgi_app = limit_headers(app.asgi_app, settings.max_header_bytes)  # type: ignore[method-assign,assignment]
     return app
-
-
-def _compact_json(app: Quart) -> Any:
-    """quart-schema's JSON provider (its ``default`` knows pydantic models) with the response
-    body encoded by an encoder built once: ``jsonify`` and every returned dict go through
-    ``dumps(obj, separators=(",", ":"))``, for which ``json.dumps`` builds a new encoder per
-    call. The output is the same, keys sorted as Quart sorts them."""
-    base: Any = type(app.json)
-
-    class CompactJSONProvider(base):  # type: ignore[misc]
-        _compact = staticmethod(compact_encoder(base.default, (",", ":"), sort_keys=True))
-
-        def dumps(self, obj: Any, **kwargs: Any) -> str:
-            if kwargs == _COMPACT and self.ensure_ascii and self.sort_keys:
-                return self._compact(obj)
-            return str(super().dumps(obj, **kwargs))
-
-    return CompactJSONProvider(app)
-
-
-_COMPACT = {"separators": (",", ":")}

@@ -10,6 +10,7 @@ app echoes).
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import os
@@ -19,7 +20,6 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from service.jsonenc import compact_encoder
 from service.obs import tracing
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -81,8 +81,8 @@ def _timestamp(created: float) -> str:
     return f"{text}.{micros // 1000:03d}+00:00"
 
 
-# One encoder for every line, with json.dumps(entry, default=str)'s output.
-_encode_line = compact_encoder(str, (", ", ": "))
+# One encoder for every line: json.dumps(entry, default=str).
+_encode_line = json.JSONEncoder(default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
