@@ -9,11 +9,11 @@ import httpx
 from service.config import Settings
 from tests.app.test_tasks import exact
 from tests.support.worker_procs import settings_env, worker
-from tools.hypercorn_process import hypercorn
+from tools.hypercorn_process import hypercorn, output
 
 
 async def test_heavy_task_and_tasks_over_http(settings: Settings, port: int) -> None:
-    with worker(settings), hypercorn(port, settings_env(settings)) as (base_url, _):
+    with worker(settings), hypercorn(port, settings_env(settings)) as (base_url, process):
         async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
             # Both Hypercorn workers wait on their own requests; no loop blocks.
             answers = await asyncio.gather(
@@ -34,3 +34,4 @@ async def test_heavy_task_and_tasks_over_http(settings: Settings, port: int) -> 
             # The raw JSON carries the integer exactly (no float rounding on the way).
             raw = (await http.get(location)).text
             assert str(exact(10**7)) in raw
+        assert "Error in ASGI Framework" not in output(process)
