@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from types import MethodType
 from typing import Any
 
+import aiosql
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
@@ -24,6 +26,7 @@ from quart_schema import QuartSchema
 
 from service.app import create_app
 from service.backends import queue_contract as queue
+from service.backends.db import SQL_DIR, load_queries
 from service.backends.redis import redis_pool
 from service.backends.taskqueue import JOB_EXPIRY_MS, TaskQueue
 from service.config import Settings, load_settings
@@ -266,7 +269,7 @@ async def test_a_queued_abort_landing_inside_arqs_claim_makes_the_claim_fail(
                 await task_queue.abort(task)  # another client, between the reads and EXEC
             return await execute(*a, **k)
 
-        pipe.execute = abort_then_execute
+        pipe.execute = abort_then_execute  # type: ignore[method-assign]
         return pipe
 
     worker.pool.pipeline = pipeline  # type: ignore[method-assign]
@@ -372,3 +375,41 @@ def test_create_app_serves_with_quarts_own_make_response() -> None:
     assert "QUART_SCHEMA" in app.extensions  # the OpenAPI description is still served
     assert "make_response" not in vars(app)
     assert app.make_response == MethodType(Quart.make_response, app)
+
+
+async def test_the_connection_adapter_answers_every_users_query_as_aiosqls_own(
+    db: asyncpg.Connection,
+) -> None:
+    """service/backends/db.py's adapter is aiosql's asyncpg adapter without the pool check it
+    makes on every query (``dir()`` of the connection), built on that adapter's
+    ``maybe_order_params`` and method signatures: each query of sql/users.sql must give what
+    aiosql's own adapter gives, on the same connection."""
+    ours = load_queries("users")
+    theirs = aiosql.from_path(SQL_DIR / "users.sql", "asyncpg")
+    assert sorted(ours.available_queries) == sorted(theirs.available_queries)
+
+    made = [
+        await ours.create_user(db, email="ours@example.com", name="Ours"),
+        await theirs.create_user(db, email="theirs@example.com", name="Theirs"),
+    ]
+    assert [type(row) for row in made] == [asyncpg.Record, asyncpg.Record]
+    assert list(made[0].keys()) == list(made[1].keys())
+    first, second = (row["id"] for row in made)
+    assert await ours.get_user_by_id(db, id=first) == await theirs.get_user_by_id(db, id=first)
+    # Each adapter's update returns the row the other then reads.
+    renamed = await ours.update_user(db, id=second, email="theirs@example.com", name="Renamed")
+    assert renamed["name"] == "Renamed"
+    assert renamed == await theirs.get_user_by_id(db, id=second)
+    renamed = await theirs.update_user(db, id=first, email="ours@example.com", name="Renamed")
+    assert renamed == await ours.get_user_by_id(db, id=first)
+    for query, kwargs in (
+        ("find_users_by_email", {"email": "OURS@example.com"}),
+        ("list_users_after", {"after_id": 0, "limit": 10}),
+    ):
+        ours_rows = [row async for row in getattr(ours, query)(db, **kwargs)]
+        theirs_rows = [row async for row in getattr(theirs, query)(db, **kwargs)]
+        assert ours_rows == theirs_rows
+        assert ours_rows  # not two empty answers
+    assert await ours.delete_user(db, id=first) == first
+    assert await theirs.delete_user(db, id=second) == second
+    assert await ours.get_user_by_id(db, id=first) is None
