@@ -5,7 +5,13 @@ set -eu
 version="${1:?usage: find_python.sh VERSION (e.g. 3.13)}"
 minor=$(echo "$version" | cut -d. -f1,2)
 
-if command -v pyenv >/dev/null 2>&1; then
+if pyenv=$(command -v pyenv 2>/dev/null); then
+    # pyenv looks under $HOME/.pyenv unless told otherwise; a fresh HOME (CI) must not hide the
+    # versions installed beside the pyenv found on PATH (<root>/bin/pyenv).
+    if [ -z "${PYENV_ROOT:-}" ] && [ "$(basename "$(dirname "$pyenv")")" = bin ]; then
+        PYENV_ROOT=$(dirname "$(dirname "$pyenv")")
+        export PYENV_ROOT
+    fi
     # `pyenv prefix 3.13` is the newest 3.13.x pyenv has; nothing when it has none.
     prefix=$(pyenv prefix "$version" 2>/dev/null || true)
     if [ -n "$prefix" ] && [ -x "$prefix/bin/python$minor" ]; then
