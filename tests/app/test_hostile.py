@@ -68,6 +68,7 @@ from service.config import load_settings
 from service.contract import PROBE_PATHS
 from service.errors import PROBLEM_JSON
 from service.pipeline.auth import required_scope
+from service.pipeline.body import MAX_JSON_DEPTH
 from service.pipeline.header_limit import header_bytes
 from tools.devstack import with_search_path
 
@@ -690,6 +691,23 @@ async def test_a_deeply_nested_body_is_a_400_not_a_500(
         )
         problem = await assert_problem(response, 400)
         assert "nested too deeply" in problem["detail"]
+
+
+async def test_the_nesting_limit_is_the_services_own_on_every_python(
+    client: quart.typing.TestClientProtocol,
+) -> None:
+    # Python's own limit moves with the version (3.13 parses 5,000 levels, 3.11 not 1,000):
+    # the service's is MAX_JSON_DEPTH wherever it runs, and a bracket in a string is no level.
+    deepest = b'{"n":' * MAX_JSON_DEPTH + b"1" + b"}" * MAX_JSON_DEPTH
+    answer = await client.post("/tasks", data=deepest, headers=JSON_TYPE)
+    assert "nested too deeply" not in (await answer.get_data(as_text=True))
+    assert answer.status_code == 422  # parsed, then refused by the schema
+    quoted = b'{"n": 5, "x": "' + b"[" * 1000 + b'"}'
+    answer = await client.post("/tasks", data=quoted, headers=JSON_TYPE)
+    assert "nested too deeply" not in (await answer.get_data(as_text=True))
+    over = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
+    problem = await assert_problem(await client.post("/tasks", data=over, headers=JSON_TYPE), 400)
+    assert "nested too deeply" in problem["detail"]
 
 
 async def test_a_repeated_key_in_a_body_is_a_400_not_the_last_value_kept(
