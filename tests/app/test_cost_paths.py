@@ -8,10 +8,13 @@ import json
 import logging
 import logging.config
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from service.app import create_app
+from service.config import Settings
 from service.obs import logs
 
 FIELDS = {
@@ -80,3 +83,17 @@ def test_another_handler_gets_the_line_through_logging(
     assert (record.pathname, record.lineno, record.funcName) == (__file__, 7, "there")
     assert record.__dict__["route"] == "/users"
     assert len(configured.getvalue().splitlines()) == 1  # and once to the JSON handler
+
+
+def test_the_app_answers_json_as_quart_would(settings: Settings) -> None:
+    app = create_app(settings)
+    # quart-schema's own: pydantic models, dates as HTTP dates
+    default = getattr(type(app.json), "default")  # noqa: B009 (absent from JSONProvider's type)
+    value = {"b": 1, "a": [{"é": 2.5}], "when": datetime(2026, 1, 2, tzinfo=UTC)}
+    expected = json.dumps(value, default=default, separators=(",", ":"), sort_keys=True)
+    assert app.json.dumps(value, separators=(",", ":")) == expected
+    assert expected.startswith('{"a":[{"\\u00e9":2.5}],"b":1,')
+    # Any other form goes through quart-schema's own provider.
+    assert app.json.dumps(value, indent=2) == json.dumps(
+        value, default=default, indent=2, sort_keys=True
+    )
