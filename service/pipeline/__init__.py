@@ -6,7 +6,9 @@ its own hook would make the list read backwards in its second half. Instead :fun
 registers one ``before_request``, one ``after_request`` and (when a step needs it) one
 ``teardown_request`` function, and each runs its steps in the order of this list. A hook
 registered on the app later (a test's, say) runs after every ``before`` step here, and before
-every ``after`` step.
+every ``after`` step. One hook outside the list: with ``CORS_ALLOW_ORIGINS`` set, quart-cors's
+own ``after_request`` function, registered just before the pipeline's so that it runs after
+every ``after`` step (service/pipeline/headers.py).
 
 A ``before`` step that raises (an :class:`~service.errors.APIError`: 401, 413, 429, ...) skips
 the rest of the ``before`` steps and the handler; the error handler answers, and every
