@@ -1,7 +1,8 @@
-"""The private parts of arq and quart-schema the code relies on, held to what those libraries do.
+"""The private parts of arq, quart-schema and aiosql the code relies on, held to what those
+libraries do (README, "Private parts of libraries we rely on", lists these and the others).
 
-pyproject.toml bounds both; these tests fail when a version inside (or past) the bounds no
-longer behaves as the code assumes.
+pyproject.toml bounds each; these tests run the library itself (none reads its source) and fail
+when a version inside (or past) the bounds no longer behaves as the code assumes.
 """
 
 from __future__ import annotations
