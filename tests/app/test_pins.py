@@ -31,6 +31,7 @@ from service.backends.db import SQL_DIR, load_queries
 from service.backends.redis import redis_pool
 from service.backends.taskqueue import JOB_EXPIRY_MS, TaskQueue
 from service.config import Settings, load_settings
+from service.emails import key_of
 from workers.lease import LeasedWorker
 
 # arq's keys carry no prefix of ours: each test removes the ones it made.
@@ -390,21 +391,23 @@ async def test_the_connection_adapter_answers_every_users_query_as_aiosqls_own(
     assert sorted(ours.available_queries) == sorted(theirs.available_queries)
 
     made = [
-        await ours.create_user(db, email="ours@example.com", name="Ours"),
-        await theirs.create_user(db, email="theirs@example.com", name="Theirs"),
-    ]
+        await ours.create_user(db, email="ours@example.com", email_key=key_of("ours@example.com"),
+                               name="Ours"),
+        await theirs.create_user(db, email="theirs@example.com",
+                                 email_key=key_of("theirs@example.com"), name="Theirs"),
+    ]  # fmt: skip
     assert [type(row) for row in made] == [asyncpg.Record, asyncpg.Record]
     assert list(made[0].keys()) == list(made[1].keys())
     first, second = (row["id"] for row in made)
     assert await ours.get_user_by_id(db, id=first) == await theirs.get_user_by_id(db, id=first)
     # Each adapter's update returns the row the other then reads.
-    renamed = await ours.update_user(db, id=second, email="theirs@example.com", name="Renamed")
+    renamed = await ours.update_user(db, id=second, email=None, email_key=None, name="Renamed")
     assert renamed["name"] == "Renamed"
     assert renamed == await theirs.get_user_by_id(db, id=second)
-    renamed = await theirs.update_user(db, id=first, email="ours@example.com", name="Renamed")
+    renamed = await theirs.update_user(db, id=first, email=None, email_key=None, name="Renamed")
     assert renamed == await ours.get_user_by_id(db, id=first)
     for query, kwargs in (
-        ("find_users_by_email", {"email": "OURS@example.com"}),
+        ("find_users_by_email", {"email_key": key_of("OURS@example.com")}),
         ("list_users_after", {"after_id": 0, "limit": 10}),
     ):
         ours_rows = [row async for row in getattr(ours, query)(db, **kwargs)]
