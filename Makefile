@@ -69,13 +69,14 @@ test-pythons:
 lock-check: $(VENV)/.installed
 	$(PY) -m tools lock-check 3.11 $(PY_VERSIONS)
 
-## check: lint, format check, types, import contracts (pyproject.toml)
+## check: lint, format check, types, import contracts, links in the Markdown files (pyproject.toml)
 check: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy sql/migrations  # migrations written in Python: files, not a package
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/rumdl check .  # relative links and #anchors resolve ([tool.rumdl]); no web fetch
 
 fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
