@@ -23,7 +23,7 @@ Variants:
   ``header_limit`` among them, without the header-size wrapper: what each step costs;
 - ``service-public:PART[,PART...]``: the service with the saving it draws from a library's
   private part replaced by the library's public path, for each PART of ``PUBLIC_PATHS``
-  (``ALL`` for every one): what each such reliance is worth (the README's "Private parts of
+  (``ALL`` for every one): what each such reliance is worth (docs/dependencies.md, "Private parts of
   libraries").
 
 Background work that runs by the clock (the loop watch's ticker, the pool sampler) is not

@@ -175,7 +175,7 @@ async def test_the_migration_refuses_rows_that_are_one_address_and_changes_nothi
     assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 2
     assert await conn.fetch("SELECT * FROM users ORDER BY id") == before
 
-    # Resolved as the README says (keep one per set), it applies.
+    # Resolved as docs/emails.md says (keep one per set), it applies.
     await conn.execute("DELETE FROM users WHERE id = ANY($1::bigint[])", [3, 7, 8, last])
     await conn.execute("UPDATE users SET email = 'strasse.two@example.com' WHERE id = 6")
     assert await migrate(conn) == ["0003_users_email_key"]

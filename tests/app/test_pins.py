@@ -1,5 +1,6 @@
 """The private parts of arq, quart-schema and aiosql the code relies on, held to what those
-libraries do (README, "Private parts of libraries we rely on", lists these and the others).
+libraries do (docs/dependencies.md, "Private parts of libraries we rely on", lists these and
+the others).
 
 pyproject.toml bounds each; these tests run the library itself (none reads its source) and fail
 when a version inside (or past) the bounds no longer behaves as the code assumes.

@@ -4,7 +4,7 @@ latency, a stall, every connection cut, new connections refused, then healed. Wh
 hold: answers within its timeouts (never a hang), 503 with Retry-After and never a 500, the
 routes that can do without Redis still 200, and recovery without a restart.
 
-`pytest -s` prints the figures the README's failure table quotes.
+`pytest -s` prints the figures the failure table of docs/failure-modes.md quotes.
 """
 
 from __future__ import annotations

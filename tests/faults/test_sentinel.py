@@ -140,5 +140,5 @@ async def test_a_sentinel_failover_under_load_keeps_users_and_report_up_and_task
     assert states[after.json()["id"]] == "complete"
     assert not [s for s in states.values() if s == "unfinished"], summary
     # Replication is asynchronous: what the primary acknowledged in its last moments may be
-    # gone. The README states the count measured here; this bounds it.
+    # gone. docs/failure-modes.md states the count measured here; this bounds it.
     assert len(lost) <= 3, summary

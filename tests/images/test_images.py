@@ -1,5 +1,5 @@
 """The built images, run by the container engine (podman with runc) against this machine's
-PostgreSQL and Redis on the host network: they serve the README's requests, the engine's own
+PostgreSQL and Redis on the host network: they serve the requests of docs/api.md, the engine's own
 health checks pass, a `podman stop` under load drops no request in flight, the processes run
 as uid 10001, and the API runs on a read-only root filesystem.
 
