@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast test-py test-pythons lock-check check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test
+.PHONY: run test test-fast test-py test-pythons lock-check check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test prometheusrule
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -128,6 +128,11 @@ scale-out: $(VENV)/.installed
 cluster-test: $(VENV)/.installed
 	sh tools/debian_packages.sh haproxy:haproxy curl:curl
 	$(PY) -m tools cluster-test
+
+## prometheusrule: write deploy/k8s/components/monitoring/prometheusrule.yaml from
+## deploy/prometheus/rules.yml (the rules' one source; tests/deploy/test_k8s.py compares them)
+prometheusrule: $(VENV)/.installed
+	$(PY) -m tools prometheusrule
 
 ## soak: mixed load for 10 minutes, then memory and descriptors judged flat or not
 ## (bench/README.md); SOAK_ARGS='--quick' for 60 s, SOAK_ARGS='--duration 3600' for an hour

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     preflight_parser = commands.add_parser(
         "preflight",
-        help="exit 3 unless PostgreSQL and Redis answer; then optionally migrate, exec COMMAND",
+        help="exit 3 unless PostgreSQL and Redis answer; then migrate if asked, else exit 6 if "
+        "the schema lacks this image's migrations; exec COMMAND",
     )
     preflight_parser.add_argument(
         "--needs",

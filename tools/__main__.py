@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "lock-check", help="install requirements.lock on each given Python (make lock-check)"
     )
+    commands.add_parser(
+        "prometheusrule",
+        help="write deploy/k8s's PrometheusRule from deploy/prometheus/rules.yml "
+        "(make prometheusrule)",
+    )
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["images"]:
         from tools.images import main as images_main
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.lockcheck import main as lockcheck_main
 
         return lockcheck_main(given[1:])
+    if given[:1] == ["prometheusrule"]:
+        from tools.prometheusrule import main as prometheusrule_main
+
+        return prometheusrule_main(given[1:])
     if given[:1] == ["cluster-test"]:
         from tools.cluster import main as cluster_main
 

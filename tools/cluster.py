@@ -3,11 +3,14 @@
 Hosts are network namespaces on one bridge (tools/netns.py): PostgreSQL, Redis, two API
 replicas (Hypercorn, 2 workers each), two arq workers, HAProxy health-checking ``/readyz``, and
 a client that sends mixed load through HAProxy (tools/cluster_load.py). Faults: one API host
-killed (-9), one API replica drained (SIGTERM), one worker host killed mid-job (-9), the Redis
+killed (-9), one API replica drained as a Kubernetes rollout drains a pod (out of the balancer
+through HAProxy's runtime API, then SIGTERM), one worker host killed mid-job (-9), the Redis
 host stopped and started again. Per fault it reports requests failed, 503s, the slowest request,
 the recovery time, and tasks accepted against tasks completed; the JSON goes to
-``bench/results/``. Everything it made is removed on exit, Ctrl-C included; ``--cleanup``
-removes what a killed run left.
+``bench/results/``. It exits 1 when a promise is broken (``verdict``): a task lost or left
+unfinished, any request failed by the drain, or a killed host failing more than the POSTs it
+held. Everything it made is removed on exit, Ctrl-C included; ``--cleanup`` removes what a
+killed run left.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,22 +51,37 @@ FAULTS = [
 SETTLE = 8.0
 LOAD_LIMIT = 400.0  # the load stops by itself after this, whatever happens
 
+# How long HAProxy takes at most to find a dead server: two failed checks 500 ms apart
+# (`inter 500ms fall 2` below), the first up to 500 ms after the death.
+DETECTION = 1.5
+# What Kubernetes gives a deleted pod before its SIGTERM (the preStop sleep in deploy/k8s): here
+# the longest the drain waits for the balancer's last request to the replica to end.
+PRE_STOP = 10.0
+
+# Retries: a request whose connection failed was never sent, so it goes to the other replica
+# whatever its method; one that reached a server which closed without answering a byte (a host
+# killed under it) is retried only when its method is idempotent, since a POST may have been
+# carried out. Every retry goes to another server than the one that failed (redispatch 1).
+# No retry on a response timeout: a request slow enough for that is load, and a retry doubles it.
 HAPROXY_CFG = """\
 global
     maxconn 2000
+    stats socket {socket} mode 600 level admin
 defaults
     mode http
     timeout connect 1s
     timeout client 30s
     timeout server 30s
     retries 3
-    option redispatch
-    retry-on conn-failure empty-response response-timeout
+    option redispatch 1
+    retry-on conn-failure empty-response
 frontend api
     bind {lb}:80
     default_backend apis
 backend apis
     balance roundrobin
+    acl idempotent method GET HEAD PUT DELETE OPTIONS
+    http-request disable-l7-retry unless idempotent
     option httpchk GET /readyz
     http-check expect status 200
     default-server inter 500ms fall 2 rise 2
@@ -175,8 +194,54 @@ def start_haproxy(cluster: Cluster) -> None:
         f"    server {name} {cluster.host(name).address}:{PORT} check" for name in ("api1", "api2")
     )
     config = cluster.folder / "haproxy.cfg"
-    config.write_text(HAPROXY_CFG.format(lb=cluster.host("lb").address, servers=servers))
+    lb, sock = cluster.host("lb").address, socket_path(cluster)
+    config.write_text(HAPROXY_CFG.format(lb=lb, servers=servers, socket=sock))
     cluster.host("lb").run(["haproxy", "-db", "-f", str(config)], {}, cluster.log("haproxy"))
+
+
+def socket_path(cluster: Cluster) -> Path:
+    """HAProxy's runtime API (a Unix socket: reachable from outside its network namespace)."""
+    return cluster.folder / "haproxy.sock"
+
+
+def haproxy(cluster: Cluster, command: str) -> str:
+    """One command on HAProxy's runtime API, and its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(str(socket_path(cluster)))
+        client.sendall(command.encode() + b"\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def in_flight(cluster: Cluster, server: str) -> int:
+    """Requests HAProxy has on ``server`` now (its current sessions, `show stat`'s scur)."""
+    lines = haproxy(cluster, "show stat").splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(","), strict=False))
+        if row.get("pxname") == "apis" and row.get("svname") == server:
+            return int(row["scur"] or 0)
+    raise RuntimeError(f"HAProxy has no server apis/{server}")
+
+
+def drain_api(cluster: Cluster, name: str) -> None:
+    """A rolling update's step for one replica, as Kubernetes takes it: the replica leaves the
+    balancer first (the endpoints controller), its requests there end during the preStop pause,
+    and only then does SIGTERM start Hypercorn's drain, which closes the idle keep-alive
+    connections: the balancer no longer sends on them, so no request races their close. The
+    new replica rejoins once its /readyz answers (a Ready pod's endpoint)."""
+    haproxy(cluster, f"set server apis/{name} state maint")
+    wait_until(lambda: in_flight(cluster, name) == 0, f"{name}'s last request", PRE_STOP)
+    process = [p for p in cluster.host(name).processes if p.poll() is None][-1]
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    start_api(cluster, name)
+    address = cluster.host(name).address
+    wait_until(lambda: ready(cluster, f"http://{address}:{PORT}/readyz"), name, 60)
+    haproxy(cluster, f"set server apis/{name} state ready")
 
 
 def ready(cluster: Cluster, url: str) -> bool:
@@ -215,10 +280,7 @@ def inject(cluster: Cluster, fault: str, restart_after: float) -> None:
         time.sleep(restart_after)
         start_api(cluster, "api1")
     elif fault.startswith("api replica drained"):
-        process = [p for p in cluster.host("api2").processes if p.poll() is None][-1]
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-        start_api(cluster, "api2")
+        drain_api(cluster, "api2")
     elif fault.startswith("worker host killed"):
         cluster.host("worker1").signal_all(signal.SIGKILL)
         cluster.host("worker1").wait_empty(10)
@@ -277,6 +339,11 @@ def summarise(
             "fault": fault,
             "requests": len(window),
             "failed": len(failed),
+            # Failures the balancer should have prevented: an idempotent request (it retries
+            # those on the other replica), or any request once its health checks have found
+            # the host gone (it then sends nothing there).
+            "failed_idempotent": sum(1 for r in failed if r["method"] in ("GET", "HEAD")),
+            "failed_after_detection": sum(1 for r in failed if r["t"] > at + DETECTION),
             "503": sum(1 for r in bad if r["status"] == 503),
             "slowest_s": max((r["latency"] for r in window), default=0.0),
             "recovery_s": round(max((r["t"] for r in bad), default=at) - at, 2),
@@ -285,9 +352,30 @@ def summarise(
             "tasks_lost": sum(1 for t in accepted if t["state"] == "lost"),
             "tasks_unfinished": sum(1 for t in accepted if t["state"] == "unfinished"),
             "failures_by_status": sorted({str(r["status"]) for r in failed}),
+            "failures": [
+                f"{r['method']} {r['kind']} {r.get('error', r['status'])}, begun "
+                f"{r['start'] - at:+.3f} s from the fault, failed after {r['latency']:.3f} s"
+                for r in failed
+            ],
             "503_from": sorted({r.get("by", "?") for r in bad if r["status"] == 503}),
         })  # fmt: skip
     return rows
+
+
+def verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """What the run promises, each broken promise as a line: no task lost or left unfinished;
+    a drain (a rollout's step) fails no request; a killed host fails only what it held as it
+    died: non-idempotent requests (which the balancer cannot know to be undone, so does not
+    retry) begun before its health checks found the host gone."""
+    broken = []
+    for row in rows:
+        if row["tasks_lost"] or row["tasks_unfinished"]:
+            broken.append(f"{row['fault']}: tasks lost or unfinished")
+        if row["fault"].startswith("api replica drained") and row["failed"]:
+            broken.append(f"{row['fault']}: {row['failed']} failed, {row['failures']}")
+        if row["failed_idempotent"] or row["failed_after_detection"]:
+            broken.append(f"{row['fault']}: failures the balancer should retry, {row['failures']}")
+    return broken
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -317,12 +405,15 @@ def run(keep: bool = False) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         result = {"when": stamp, "settle_s": SETTLE, "task_timeout": TASK_TIMEOUT,
-                  "faults": rows}  # fmt: skip
+                  "faults": rows, "broken": verdict(rows)}  # fmt: skip
         path = RESULTS / f"cluster-{stamp}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(render(rows))
         print(f"results: {path.relative_to(ROOT)}")
-        return 0 if all(r["tasks_lost"] == 0 and r["tasks_unfinished"] == 0 for r in rows) else 1
+        broken = verdict(rows)
+        for line in broken:
+            print(f"FAILED: {line}", file=sys.stderr)
+        return 1 if broken else 0
     finally:
         for host in cluster.hosts.values():
             host.destroy()

@@ -22,6 +22,8 @@ import httpx
 LOOPS = 6
 PAUSE = 0.02
 KINDS = ("lookup", "create", "report", "task")
+# Each kind's HTTP method: the balancer retries a failed request only when it is idempotent.
+METHODS = {"lookup": "GET", "create": "POST", "report": "GET", "task": "POST"}
 
 
 class Recorder:
@@ -30,8 +32,10 @@ class Recorder:
         self.accepted: list[tuple[str, float]] = []
 
     def record(self, kind: str, started: float, status: int, **extra: Any) -> None:
-        line = {"t": time.time(), "kind": kind, "status": status}
-        line["latency"] = round(time.monotonic() - started, 4)
+        latency, now = time.monotonic() - started, time.time()
+        line: dict[str, Any] = {"t": now, "kind": kind, "method": METHODS[kind], "status": status}
+        line["latency"] = round(latency, 4)
+        line["start"] = round(now - latency, 4)
         line.update(extra)
         self.out.write(json.dumps(line) + "\n")
 

@@ -181,7 +181,33 @@ def checksum(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+MigrationFile = tuple[int, str, Path]
+
+
+async def schema_behind(conn: asyncpg.Connection) -> list[str]:
+    """This release's migrations that the database has not applied (empty: the schema is
+    the one the code needs, or newer, as while the next release rolls out). Raises
+    :class:`MigrationChanged` when an applied one's file differs from what was applied.
+    Reads only: what the API's preflight runs before it serves."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done: dict[int, str | None] = {}
+    if exists:
+        rows = await conn.fetch("SELECT * FROM schema_migrations")
+        done = {row["version"]: dict(row).get("checksum") for row in rows}
+    files = migration_files()
+    changed = [
+        path.name
+        for version, _, path in files
+        if done.get(version) is not None and done[version] != checksum(path)
+    ]
+    if changed:
+        raise MigrationChanged(
+            f"applied migration {', '.join(changed)} differs from this image's file"
+        )
+    return [f"{version:04d}_{name}" for version, name, _ in files if version not in done]
+
+
+async def migrate(conn: asyncpg.Connection, files: list[MigrationFile] | None = None) -> list[str]:
     """Apply the migrations not yet applied, each in its own transaction.
 
     An advisory lock serialises processes that start at once: the second waits, then finds
@@ -189,7 +215,9 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     changed since raises :class:`MigrationChanged` before anything is applied (the schema
     would no longer be what the files say). A migration that finds data it cannot change
     safely raises :class:`MigrationRefused`: its transaction is rolled back, so it applies
-    whole or not at all. Returns the names of the migrations applied now.
+    whole or not at all. Returns the names of the migrations applied now. ``files`` are the
+    migrations to apply (default: all of this release's; a test passes the first few to stand
+    for an older release).
     """
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
@@ -210,10 +238,11 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             row["version"]: row["checksum"]
             for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
         }
-        files = [(version, name, path, checksum(path)) for version, name, path in migration_files()]
+        wanted = migration_files() if files is None else files
+        stamped = [(version, name, path, checksum(path)) for version, name, path in wanted]
         changed = [
             path.name
-            for version, _, path, digest in files
+            for version, _, path, digest in stamped
             if done.get(version) not in (None, digest)
         ]
         if changed:
@@ -222,7 +251,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 f"(its checksum in schema_migrations differs): restore the file and put the "
                 f"change in a new migration"
             )
-        for version, name, path, digest in files:
+        for version, name, path, digest in stamped:
             if version in done:
                 if done[version] is None:
                     await conn.execute(

@@ -1,4 +1,5 @@
-"""Fail fast at start: check PostgreSQL and Redis answer, optionally migrate, then exec the server.
+"""Fail fast at start: check PostgreSQL and Redis answer, optionally migrate, check the schema is
+the one this image's code needs, then exec the server.
 
 Hypercorn 0.18 cannot be trusted to fail a start: when a worker's startup hook raises (say,
 PostgreSQL refuses the pool), its supervisor stops the other workers and exits 0
@@ -9,9 +10,13 @@ runs this first::
     python -m service preflight [--needs postgres,redis] [--migrate] -- CMD...
 
 Every dependency is tried with its own connect timeout; on failure it prints one line per
-dependency naming the variable (never its value, which may hold a password) and exits 3. On
-success it replaces itself with the command (``os.execvp``), so the server becomes the process
-that receives the orchestrator's SIGTERM, exactly as if it had been started directly.
+dependency naming the variable (never its value, which may hold a password) and exits 3. Where
+PostgreSQL is needed and it does not migrate, it compares the migrations applied with the
+image's own (sql/migrations): one missing means the schema is older than the code, so it names
+them and exits 6 rather than serve (on Kubernetes the API pod's init container migrates first;
+a newer schema, as while the next release rolls out, is fine). On success it replaces itself
+with the command (``os.execvp``), so the server becomes the process that receives the
+orchestrator's SIGTERM, exactly as if it had been started directly.
 """
 
 from __future__ import annotations
@@ -23,8 +28,16 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+
 from service.backends import checks as readiness
-from service.backends.db import MigrationChanged, MigrationRefused, migrate_database
+from service.backends.db import (
+    MigrationChanged,
+    MigrationRefused,
+    connection_options,
+    migrate_database,
+    schema_behind,
+)
 from service.config import Settings
 from service.obs.logs import configure_logging
 
@@ -36,6 +49,8 @@ MIGRATION_CHANGED_EXIT = 4
 # A migration found data only a person can decide about (its line names the rows): nothing of
 # it was applied.
 MIGRATION_REFUSED_EXIT = 5
+# The database lacks migrations this image carries: its code would meet a schema too old.
+SCHEMA_BEHIND_EXIT = 6
 
 
 DEPENDENCIES = ("postgres", "redis")
@@ -67,6 +82,41 @@ async def check_dependencies(
     return [outcome for outcome in outcomes if outcome]
 
 
+async def missing_migrations(settings: Settings) -> list[str]:
+    """The image's migrations that the database of DATABASE_URL has not applied."""
+    conn = await asyncpg.connect(
+        settings.database_url,
+        timeout=settings.db_connect_timeout,
+        **connection_options(settings),
+    )
+    try:
+        return await schema_behind(conn)
+    finally:
+        await conn.close()
+
+
+def check_schema(settings: Settings) -> int:
+    """0 when the schema has every migration of this image, else the exit status, logged."""
+    try:
+        missing = asyncio.run(missing_migrations(settings))
+    except MigrationChanged as error:
+        log.error("preflight: %s: restore the file; put changes in a new migration", error)
+        return MIGRATION_CHANGED_EXIT
+    except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+        reason = readiness.reason(error)
+        log.error("preflight: DATABASE_URL: cannot read the applied migrations (%s)", reason)
+        return UNREACHABLE_EXIT
+    if missing:
+        log.error(
+            "preflight: the database lacks this image's migrations %s: not serving a schema "
+            "older than the code; run `python -m service migrate` (the API pod's init "
+            "container does) and start again",
+            ", ".join(missing),
+        )
+        return SCHEMA_BEHIND_EXIT
+    return 0
+
+
 def run(
     settings: Settings,
     command: list[str],
@@ -94,6 +144,10 @@ def run(
             log.error("preflight: cannot migrate: %s", error)
             return MIGRATION_REFUSED_EXIT
         log.info("preflight: migrations applied: %s", ", ".join(applied) or "none")
+    elif "postgres" in needs:
+        status = check_schema(settings)
+        if status:
+            return status
     if not command:
         log.info("preflight: %s answer", " and ".join(needs))
         return 0
