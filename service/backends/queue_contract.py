@@ -87,7 +87,7 @@ async def live_workers(client: aioredis.Redis, settings: Settings) -> dict[str, 
 def wake_channel(settings: Settings) -> str:
     """The API publishes here each job it queues (its id) and each abort of a running job
     (``WAKE_ABORT``), in the same script that writes it; idle workers listen and poll at once
-    (workers/wake.py)."""
+    (workers/worker.py, ``WakeUps``)."""
     return f"{queue_name(settings)}:wake"
 
 

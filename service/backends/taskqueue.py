@@ -23,6 +23,7 @@ from arq.jobs import serialize_job, serialize_result
 from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
+from service.backends.redis import relay
 from service.config import Settings
 from service.obs import tracing
 
@@ -426,25 +427,15 @@ class TaskQueue:
 
     async def listen(self) -> None:
         """Relay the worker's done messages to waiters; reconnects when Redis comes back."""
-        channel = queue.done_channel(self.settings)
-        backoff = 0.1
-        while not self._closing.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                backoff = 0.1
-                while not self._closing.is_set():
-                    message = await pubsub.get_message(timeout=0.5)
-                    if message is not None and message["type"] == "message":
-                        self._wake(message["data"].decode())
-            except Exception as error:  # keep relaying after Redis errors; waiters also poll
-                if self._closing.is_set():
-                    break
-                log.warning("task notifications interrupted (%s); retrying", type(error).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        await relay(
+            self.redis,
+            queue.done_channel(self.settings),
+            lambda data: self._wake(data.decode()),
+            on_error=lambda error: log.warning(
+                "task notifications interrupted (%s); retrying", type(error).__name__
+            ),
+            stop=self._closing,
+        )
 
     def start(self) -> None:
         self._closing.clear()
