@@ -18,7 +18,6 @@ import sys
 from typing import Any, NoReturn
 
 from arq.connections import ArqRedis, RedisSettings
-from arq.worker import func
 from pebble import ProcessPool
 
 from service.backends import queue_contract as queue
@@ -28,7 +27,7 @@ from service.obs import tracing
 from service.obs.host import usable_cpus
 from service.obs.loopwatch import LoopWatch
 from service.obs.metrics import WORKER_POOL_SIZE
-from workers.jobs import heavy_task
+from workers.jobs import arq_function
 from workers.worker import ServiceWorker
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ def arq_redis(settings: Settings) -> ArqRedis:
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Everything ``arq.worker.Worker`` takes, derived from the settings."""
     return {
-        "functions": [func(heavy_task, name=queue.JOB_NAME, max_tries=settings.task_max_tries)],
+        "functions": [arq_function(job, settings.task_max_tries) for job in queue.JOBS],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "redis_pool": arq_redis(settings),
         "queue_name": queue.queue_name(settings),

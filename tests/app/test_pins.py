@@ -225,7 +225,7 @@ def _arq_worker(
         default_queue_name=queue.queue_name(settings),
     )
     return worker_class(
-        functions=[func(_job, name=queue.JOB_NAME)],
+        functions=[func(_job, name=queue.HEAVY_TASK.name)],
         redis_pool=pool,
         queue_name=queue.queue_name(settings),
         job_serializer=queue.dumps,
@@ -309,7 +309,7 @@ async def test_arqs_poll_loop_polls_through_poll_iteration_and_calls_back_as_a_j
             seen["ends"] += 1
             super()._release_sem_dec_counter_on_complete()
 
-    job = await arq_redis.enqueue_job(queue.JOB_NAME, 41, _job_id=uuid.uuid4().hex)
+    job = await arq_redis.enqueue_job(queue.HEAVY_TASK.name, 41, _job_id=uuid.uuid4().hex)
     assert job is not None
     job_ids.append(job.job_id)
     release = asyncio.Event()
@@ -333,7 +333,7 @@ async def test_arqs_claim_marks_a_job_for_the_lease_and_lists_it_while_it_runs(
 ) -> None:
     """workers/worker.py sets arq's ``in_progress_timeout_s`` to the lease, which arq's claim
     uses for the in-progress mark, and renews the marks of the jobs in arq's ``job_tasks``."""
-    job = await arq_redis.enqueue_job(queue.JOB_NAME, 1, _job_id=uuid.uuid4().hex)
+    job = await arq_redis.enqueue_job(queue.HEAVY_TASK.name, 1, _job_id=uuid.uuid4().hex)
     assert job is not None
     job_ids.append(job.job_id)
     release = asyncio.Event()
