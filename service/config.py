@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     environment: Literal["development", "production"] = "development"
+    # Log lines: JSON, or one readable line per event; auto is text on a terminal outside
+    # production, JSON otherwise. Read by service/obs/logs.py before the settings are (so a
+    # bad setting is logged too); validated here.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     db_pool_min_size: int = Field(default=2, ge=0, le=1000)
