@@ -42,8 +42,10 @@ async def test_close_stops_the_wake_listener_and_takes_the_worker_off_the_queue(
     settings: Settings, redis_cleanup: aioredis.Redis
 ) -> None:
     """The worker in this process, with its real options and hooks: after ``close()`` nothing
-    of it is left subscribed or registered, and its process pool is stopped, while the process
-    that ran it lives on (a worker's restart, arq's reload)."""
+    of it is left subscribed, registered or running, and its process pool is stopped, while the
+    process that ran it lives on (a worker's restart, arq's reload). Also what the worker's
+    ``close()`` relies on in arq's: the shutdown hook runs after the health key is deleted and
+    before the Redis pool closes (the hook takes the worker off the list of workers)."""
     local = settings.model_copy(update={"worker_processes": 1, "worker_health_interval": 60})
     stopping = asyncio.Event()
     worker = build_worker(local, stopping, handle_signals=False)
@@ -79,6 +81,10 @@ async def test_close_stops_the_wake_listener_and_takes_the_worker_off_the_queue(
         assert "pool" not in worker.ctx  # the shutdown hook stopped the process pool
         await asyncio.wait_for(asyncio.gather(main, return_exceptions=True), 10)
         assert main.cancelled()
+        # Nothing of the worker's runs on: no listener started again by a last poll, no
+        # lease renewal, no loop watch.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert [t for t in others if not t.done()] == []
     finally:
         if not main.done():
             main.cancel()
