@@ -126,12 +126,13 @@ LOG_FORMATS = ("auto", "json", "text")
 def log_format(stream: IO[str] | None) -> Literal["json", "text"]:
     """The format of lines written to ``stream``, as ``LOG_FORMAT`` and ``ENVIRONMENT`` choose
     (see the module's docstring)."""
-    wanted = os.environ.get("LOG_FORMAT", "auto").strip().lower()
+    # Exactly as the settings accept them: another value stops the start (Settings.log_format).
+    wanted = os.environ.get("LOG_FORMAT", "auto")
     if wanted == "json":
         return "json"
     if wanted == "text":
         return "text"
-    if os.environ.get("ENVIRONMENT", "").strip().lower() == "production":
+    if os.environ.get("ENVIRONMENT") == "production":
         return "json"
     try:
         terminal = stream is not None and stream.isatty()
