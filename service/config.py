@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     environment: Literal["development", "production"] = "development"
+    # Log lines: JSON, or one readable line per event; auto is text on a terminal outside
+    # production, JSON otherwise. Read by service/obs/logs.py before the settings are (so a
+    # bad setting is logged too); validated here.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     db_pool_min_size: int = Field(default=2, ge=0, le=1000)
@@ -177,7 +181,7 @@ class Settings(BaseSettings):
     # Child processes computing tasks in each worker; 0 means one per core.
     worker_processes: int = Field(default=0, ge=0, le=256)
     # The longest an idle worker waits between polls of the queue. A queued job, an abort and
-    # a freed slot wake it at once (workers/wake.py); the polls catch what no message tells.
+    # a freed slot wake it at once (workers/worker.py); the polls catch what no message tells.
     worker_poll_delay: float = Field(default=0.5, gt=0, le=5)
     # CPU priority (nice) of the compute processes: on a machine shared with the API, requests
     # are served first and the sums take the idle CPU. 0 leaves them at the worker's priority.

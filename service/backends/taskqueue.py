@@ -23,6 +23,7 @@ from arq.jobs import serialize_job, serialize_result
 from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
+from service.backends.redis import relay
 from service.config import Settings
 from service.obs import tracing
 
@@ -144,6 +145,16 @@ def _error_text(result: Any) -> str:
     return str(result)
 
 
+def _args(n: int) -> tuple[Any, ...]:
+    """The heavy task's arguments for ``n``, in arq's job format."""
+    return queue.HEAVY_TASK.args(queue.SumOfSquares(n=n))
+
+
+def _n(args: list[Any]) -> int:
+    """``n`` of a heavy task, from the arguments in its job or result record."""
+    return queue.HEAVY_TASK.parse(args).n
+
+
 def job_id_for(settings: Settings, idempotency_key: str | None, owner: str = "") -> str:
     """A fresh id, or the same id every time for the same Idempotency-Key from the same
     ``owner`` (the API key's name): two clients choosing the same key get separate tasks.
@@ -190,7 +201,8 @@ class TaskQueue:
         client: str | None = None,
         attempts_left: int = 3,
     ) -> tuple[Task, bool]:
-        """Enqueue ``heavy_task(n)``; returns the task and whether it was created now.
+        """Enqueue the heavy task (``queue.HEAVY_TASK``) for ``n``; returns the task and whether
+        it was created now.
 
         ``owner`` (the API key's name) may read and abort it; ``client`` (the key, or the
         address when keys are off) is held to ``TASK_CLIENT_LIMIT`` outstanding tasks.
@@ -203,7 +215,9 @@ class TaskQueue:
         now_ms = int(time.time() * 1000)
         # The trace context rides in the job's kwargs, so the worker's span joins this trace.
         kwargs = tracing.job_kwargs()
-        payload = serialize_job(queue.JOB_NAME, (n,), kwargs, None, now_ms, serializer=queue.dumps)
+        payload = serialize_job(
+            queue.HEAVY_TASK.name, _args(n), kwargs, None, now_ms, serializer=queue.dumps
+        )
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
@@ -285,7 +299,7 @@ class TaskQueue:
             return Task(
                 id=job_id,
                 status="complete" if ok else "failed",
-                n=data["a"][0] if data.get("a") else None,
+                n=_n(data["a"]) if data.get("a") else None,
                 result=data["r"] if ok else None,
                 error=None if ok else _error_text(data["r"]),
                 tries=data.get("t"),
@@ -300,7 +314,7 @@ class TaskQueue:
         return Task(
             id=job_id,
             status="running" if running else "queued",
-            n=job["a"][0],
+            n=_n(job["a"]),
             result=None,
             error=None,
             tries=int(starts or 0),
@@ -347,10 +361,11 @@ class TaskQueue:
     async def abort(self, task: Task) -> None:
         """Abort a queued task at once, or ask the worker to cancel a running one."""
         if task.status == "queued":
+            assert task.n is not None  # read from the job's record, which holds it
             now_ms = int(time.time() * 1000)
             failed = serialize_result(
-                queue.JOB_NAME,
-                (task.n,),
+                queue.HEAVY_TASK.name,
+                _args(task.n),
                 {},
                 task.tries or 1,
                 int(task.enqueued_at.timestamp() * 1000) if task.enqueued_at else now_ms,
@@ -358,7 +373,7 @@ class TaskQueue:
                 asyncio.CancelledError(),
                 now_ms,
                 now_ms,
-                f"{task.id}:{queue.JOB_NAME}",
+                f"{task.id}:{queue.HEAVY_TASK.name}",
                 self.queue_name,
                 task.id,
                 serializer=queue.dumps,
@@ -426,25 +441,15 @@ class TaskQueue:
 
     async def listen(self) -> None:
         """Relay the worker's done messages to waiters; reconnects when Redis comes back."""
-        channel = queue.done_channel(self.settings)
-        backoff = 0.1
-        while not self._closing.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                backoff = 0.1
-                while not self._closing.is_set():
-                    message = await pubsub.get_message(timeout=0.5)
-                    if message is not None and message["type"] == "message":
-                        self._wake(message["data"].decode())
-            except Exception as error:  # keep relaying after Redis errors; waiters also poll
-                if self._closing.is_set():
-                    break
-                log.warning("task notifications interrupted (%s); retrying", type(error).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        await relay(
+            self.redis,
+            queue.done_channel(self.settings),
+            lambda data: self._wake(data.decode()),
+            on_error=lambda error: log.warning(
+                "task notifications interrupted (%s); retrying", type(error).__name__
+            ),
+            stop=self._closing,
+        )
 
     def start(self) -> None:
         self._closing.clear()
