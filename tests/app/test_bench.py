@@ -19,19 +19,11 @@ from bench.database import (
     is_bench_database,
     new_database_name,
 )
+from bench.figures import Load, Outcome, load_from_samples, median_ratio, parse_wrk, percentile
 from bench.load import wrk_command
 from bench.options import ROOT
 from bench.procs import Group
-from bench.report import (
-    Load,
-    Outcome,
-    load_from_samples,
-    median_ratio,
-    parse_wrk,
-    percentile,
-    render,
-    to_json,
-)
+from bench.report import render, to_json
 from bench.scenarios import median_load
 from bench.systems import System, production_env, through_pgbouncer
 from bench.targets import evaluate_targets
