@@ -252,7 +252,7 @@ async def _inner(args: argparse.Namespace, emails: list[str]) -> None:
 
 
 def _environment(url: str, folder: Path, production: bool) -> dict[str, str]:
-    from service.apikeys import generate_key, key_entry
+    from service.ops.keygen import generate_key, key_entry
     from tools.devstack import ensure_services
 
     env = {

@@ -18,8 +18,7 @@ from collections.abc import Mapping
 
 from quart import request
 
-from service.apikeys import ApiKey
-from service.config import Settings
+from service.config import ApiKey, Settings
 from service.contract import METHODS, PROBE_PATHS, READ_METHODS
 from service.errors import APIError
 from service.pipeline.state import RequestState, Setup, header

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, cast
 
 from quart import Request, g, request
 
-from service.apikeys import ApiKey
 from service.backends.resources import Resources
-from service.config import Settings
+from service.config import ApiKey, Settings
 
 if TYPE_CHECKING:
     from contextvars import Token

@@ -27,10 +27,10 @@ from bench.report import render, to_json
 from bench.scenarios import median_load
 from bench.systems import System, production_env, through_pgbouncer
 from bench.targets import evaluate_targets
-from service.apikeys import hash_key, parse_api_keys
 from service.backends.db import connection_options, migration_url
-from service.config import load_settings
+from service.config import load_settings, parse_api_keys
 from service.emails import key_of
+from service.ops.keygen import hash_key
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:5000
   2 threads and 32 connections
