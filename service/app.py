@@ -14,12 +14,13 @@ from service.backends import resources
 from service.config import ConfigError, Settings, load_settings
 from service.errors import register_error_handlers
 from service.obs.logs import configure_logging
+from service.obs.watchers import Watchers
 from service.openapi import ServiceOpenAPIProvider
-from service.pipeline import instrument
 from service.pipeline.header_limit import limit_headers
 from service.pipeline.proxy import trust_proxies
 from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
+from service.routes.metrics import blueprint as metrics_blueprint
 from service.routes.reports import blueprint as reports_blueprint
 from service.routes.tasks import blueprint as tasks_blueprint
 from service.routes.users import blueprint as users_blueprint
@@ -71,11 +72,15 @@ def create_app(settings: Settings | None = None) -> Quart:
     register_error_handlers(app)
     held = resources.install(app, settings)  # the pool, Redis, the task queue, the report cache
     pipeline.install(app, held)  # every per-request step, in order (service/pipeline/)
+    # The loop watch, the pool gauges, the process's metrics and tracer: per process.
+    watchers = Watchers(held, settings.loop_block_threshold)
+    app.before_serving(watchers.start)
+    app.after_serving(watchers.stop)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
     app.register_blueprint(tasks_blueprint)
     app.register_blueprint(reports_blueprint)
-    app.register_blueprint(instrument.blueprint)
+    app.register_blueprint(metrics_blueprint)
     # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it; with
     # none configured, nothing is installed.
     app.asgi_app = trust_proxies(app.asgi_app, settings.trusted_proxies)  # type: ignore[method-assign,assignment]

@@ -36,7 +36,20 @@ from quart import Quart, Response
 from service.backends.resources import Resources
 from service.config import Settings
 from service.obs import tracing
-from service.pipeline import auth, body, drain, headers, instrument, paths, ratelimit, request_id
+from service.pipeline import (
+    access_log,
+    activity,
+    auth,
+    body,
+    drain,
+    headers,
+    paths,
+    profiling,
+    ratelimit,
+    request_id,
+    spans,
+    timing,
+)
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
 __all__ = [
@@ -108,9 +121,9 @@ class Teardown:
 Step = Before | After | Teardown
 
 STEPS: tuple[Step, ...] = (
-    Before("timer", instrument.start_timer),
+    Before("timer", timing.start_timer),
     # Current before anything logs, so every line of the request names its trace.
-    Before("trace span", instrument.start_span, when=_tracing),
+    Before("trace span", spans.start_span, when=_tracing),
     # Before anything that may log: every line logged from here on carries the request's id.
     Before("request id", request_id.assign),
     # Werkzeug would match `//users/1` as `/users/1`: refused first, whatever the key.
@@ -120,20 +133,20 @@ STEPS: tuple[Step, ...] = (
     Before("rate limit", ratelimit.count, when=_rate_limited),
     Before("key verdict", auth.judge, when=_keys_configured),
     Before("body checks", body.check),
-    Before("loop-watch activity", instrument.mark_activity),
-    Before("profiling", instrument.start_profile, when=_profiling),
+    Before("loop-watch activity", activity.mark_activity),
+    Before("profiling", profiling.start_profile, when=_profiling),
     # -- the route's handler runs here, or the error handler of a step that refused --
-    After("loop-watch activity end", instrument.end_activity),
-    After("metrics", instrument.record_metrics),
-    After("request log line", instrument.log_request),
-    After("trace span name and status", instrument.name_span, when=_tracing),
+    After("loop-watch activity end", activity.end_activity),
+    After("metrics", timing.record_metrics),
+    After("request log line", access_log.log_request),
+    After("trace span name and status", spans.name_span, when=_tracing),
     # Replaces the response by the profile; the headers below still apply to it.
-    After("profile", instrument.finish_profile, when=_profiling),
+    After("profile", profiling.finish_profile, when=_profiling),
     After("request id header", request_id.echo),
     After("connection close after a refused body", body.close_after_refused),
     After("exposure headers", headers.exposure),
-    Teardown("profiler stop", instrument.stop_profile, when=_profiling),
-    Teardown("trace span end", instrument.end_span, when=_tracing),
+    Teardown("profiler stop", profiling.stop_profile, when=_profiling),
+    Teardown("trace span end", spans.end_span, when=_tracing),
 )
 
 
@@ -190,7 +203,7 @@ def installed(app: Quart) -> Pipeline:
 
 def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipeline:
     """Run ``steps`` on every request of ``app``, and start the pipeline's serving hooks: the
-    warning of a service without keys, the drain on SIGTERM, the per-process watchers."""
+    rate limiter's sync, the warning of a service without keys, the drain on SIGTERM."""
     settings = held.settings
     limiter = ratelimit.RateLimiter(settings) if settings.rate_limited else None
     pipeline = Pipeline(Setup(held, limiter), steps)
@@ -207,5 +220,4 @@ def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipel
         app.teardown_request(pipeline.teardown_request)
     app.before_serving(partial(auth.warn_when_open, settings))
     drain.install(app)
-    instrument.install_watchers(app, held)
     return pipeline

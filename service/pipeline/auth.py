@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 # Paths at or under these need the admin scope, whatever the method.
 ADMIN_PATH_PREFIXES = ("/metrics", "/debug", "/profile", "/profiling", "/admin")
-# Opt-in profiling (`X-Profile-Token`, pipeline/instrument.py) changes no scope here: a request
+# Opt-in profiling (`X-Profile-Token`, pipeline/profiling.py) changes no scope here: a request
 # with a wrong token, or from a key without admin, is served as usual, so nothing reveals that
 # profiling exists; only an admin key's request that carries the token is profiled.
 METHOD_SCOPES: Mapping[str, str] = {

@@ -17,6 +17,7 @@ from quart import Request, g, request
 
 from service.backends.resources import Resources
 from service.config import ApiKey, Settings
+from service.contract import METHODS
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 # The one attribute of `g` the pipeline uses.
 _ATTRIBUTE = "request_state"
+# Routes are labelled by their template; a path no rule matched gets one label, so a scan of
+# random URLs cannot make the metrics grow without bound.
+UNMATCHED = "<unmatched>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +103,16 @@ def header(state: RequestState, name: bytes) -> str | None:
     """The request header ``name`` (lower-case), decoded as Quart decodes it; None if absent."""
     value = state.raw_headers.get(name)
     return None if value is None else value.decode("latin-1")
+
+
+def labels(state: RequestState) -> tuple[str, str]:
+    """The request's method and route template as the metrics, the log line, the trace span and
+    the loop watch label them, looked up once per request (each read of ``request`` goes
+    through Quart's context-local proxy)."""
+    if not state.route:
+        current = state.request
+        method = current.method
+        state.method = method if method in METHODS else "OTHER"
+        rule = current.url_rule
+        state.route = rule.rule if rule is not None else UNMATCHED
+    return state.method, state.route
