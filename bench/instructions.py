@@ -120,7 +120,7 @@ def _service(left_out: set[str]) -> Any:
         raise SystemExit(f"no such step: {', '.join(sorted(unknown))}")
     steps = tuple(step for step in pipeline.STEPS if step.name not in left_out)
     saved = pipeline.install.__defaults__
-    pipeline.install.__defaults__ = (steps,)
+    pipeline.install.__defaults__ = (steps, pipeline.WRAPPERS)
     try:
         app = create_app()
     finally:

@@ -16,8 +16,6 @@ from service.errors import register_error_handlers
 from service.obs.logs import configure_logging
 from service.obs.watchers import Watchers
 from service.openapi import ServiceOpenAPIProvider
-from service.pipeline.header_limit import limit_headers
-from service.pipeline.proxy import trust_proxies
 from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
 from service.routes.metrics import blueprint as metrics_blueprint
@@ -71,7 +69,8 @@ def create_app(settings: Settings | None = None) -> Quart:
         docs.install(app, settings)
     register_error_handlers(app)
     held = resources.install(app, settings)  # the pool, Redis, the task queue, the report cache
-    pipeline.install(app, held)  # every per-request step, in order (service/pipeline/)
+    # Every per-request step in order, and the ASGI wrappers around them (service/pipeline/).
+    pipeline.install(app, held)
     # The loop watch, the pool gauges, the process's metrics and tracer: per process.
     watchers = Watchers(held, settings.loop_block_threshold)
     app.before_serving(watchers.start)
@@ -81,11 +80,6 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(tasks_blueprint)
     app.register_blueprint(reports_blueprint)
     app.register_blueprint(metrics_blueprint)
-    # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it; with
-    # none configured, nothing is installed.
-    app.asgi_app = trust_proxies(app.asgi_app, settings.trusted_proxies)  # type: ignore[method-assign,assignment]
-    # Outermost: an oversized head is refused before Quart builds a request from it.
-    app.asgi_app = limit_headers(app.asgi_app, settings.max_header_bytes)  # type: ignore[method-assign,assignment]
     return app
 
 

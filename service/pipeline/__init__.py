@@ -21,6 +21,10 @@ switches off is not installed at all, so it costs nothing. A step that waits on 
 plain function, and the others (the rate limit, the body checks) coroutine functions:
 the pipeline awaits what a step returns only when it is awaitable, so the steps that never
 wait cost a call, not a coroutine, on every request.
+
+:data:`WRAPPERS`, beside the steps, are what wraps the whole ASGI app: they see each request's
+scope before Quart builds a request from it (the header limit, the client's address behind
+trusted proxies), so they run before every step, outermost first.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
+from typing import Any, Generic, TypeVar, cast
 
 from quart import Quart, Response
 
@@ -42,9 +46,11 @@ from service.pipeline import (
     auth,
     body,
     drain,
+    header_limit,
     headers,
     paths,
     profiling,
+    proxy,
     ratelimit,
     request_id,
     spans,
@@ -54,13 +60,16 @@ from service.pipeline.state import RequestState, Setup, begin_request, request_s
 
 __all__ = [
     "STEPS",
+    "WRAPPERS",
     "After",
     "Before",
+    "Part",
     "Pipeline",
     "RequestState",
     "Setup",
     "Step",
     "Teardown",
+    "Wrapper",
     "install",
     "installed",
 ]
@@ -68,6 +77,10 @@ __all__ = [
 # Plain functions, or coroutine functions for the steps that wait (see the docstring).
 BeforeStep = Callable[[Setup, RequestState], Awaitable[None] | None]
 AfterStep = Callable[[Setup, RequestState, Response], Awaitable[Response] | Response]
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+# The app's ASGI callable wrapped as the settings ask.
+Wrap = Callable[[ASGIApp, Settings], ASGIApp]
+Run = TypeVar("Run", BeforeStep, AfterStep, Wrap)
 
 
 def _always(settings: Settings) -> bool:
@@ -91,34 +104,57 @@ def _tracing(settings: Settings) -> bool:
     return tracing.TRACER is not None or tracing.wanted()
 
 
+def _behind_proxies(settings: Settings) -> bool:
+    return bool(settings.trusted_proxies)
+
+
 @dataclass(frozen=True)
-class Before:
+class Part(Generic[Run]):
+    """A named part of the pipeline: what it runs, and from the settings whether it is installed
+    at all. Its class says when it runs (the four below)."""
+
+    name: str
+    run: Run
+    when: Callable[[Settings], bool] = _always
+
+
+@dataclass(frozen=True)
+class Before(Part[BeforeStep]):
     """A step run before the handler; it may refuse the request by raising."""
 
-    name: str
-    run: BeforeStep
-    when: Callable[[Settings], bool] = _always
-
 
 @dataclass(frozen=True)
-class After:
+class After(Part[AfterStep]):
     """A step run on the response (the handler's, or an error handler's)."""
 
-    name: str
-    run: AfterStep
-    when: Callable[[Settings], bool] = _always
+
+@dataclass(frozen=True)
+class Teardown(Part[BeforeStep]):
+    """A step run when the request ends, however it ends."""
 
 
 @dataclass(frozen=True)
-class Teardown:
-    """A step run when the request ends, however it ends."""
-
-    name: str
-    run: BeforeStep
-    when: Callable[[Settings], bool] = _always
+class Wrapper(Part[Wrap]):
+    """An ASGI wrapper around the whole app, given the app's settings."""
 
 
 Step = Before | After | Teardown
+
+
+def _limit_headers(app: ASGIApp, settings: Settings) -> ASGIApp:
+    return header_limit.limit_headers(app, settings.max_header_bytes)
+
+
+def _trust_proxies(app: ASGIApp, settings: Settings) -> ASGIApp:
+    return proxy.trust_proxies(app, settings.trusted_proxies)
+
+
+WRAPPERS: tuple[Wrapper, ...] = (
+    # Outermost: an oversized head is refused before Quart builds a request from it.
+    Wrapper("header limit", _limit_headers),
+    # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it.
+    Wrapper("client address behind trusted proxies", _trust_proxies, when=_behind_proxies),
+)
 
 STEPS: tuple[Step, ...] = (
     Before("timer", timing.start_timer),
@@ -153,9 +189,12 @@ STEPS: tuple[Step, ...] = (
 class Pipeline:
     """The steps one app runs, with its setup; its three methods are the app's hooks."""
 
-    def __init__(self, setup: Setup, steps: Iterable[Step]) -> None:
+    def __init__(
+        self, setup: Setup, steps: Iterable[Step], wrappers: Iterable[Wrapper] = ()
+    ) -> None:
         self.setup = setup
         self.steps = tuple(step for step in steps if step.when(setup.settings))
+        self.wrappers = tuple(wrapper for wrapper in wrappers if wrapper.when(setup.settings))
         self._before = tuple(step.run for step in self.steps if isinstance(step, Before))
         # (run, whether it is a coroutine function): a plain step's result is the response
         # itself, whatever its class (a Werkzeug response for a routing redirect, say).
@@ -201,12 +240,18 @@ def installed(app: Quart) -> Pipeline:
     return pipeline
 
 
-def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipeline:
-    """Run ``steps`` on every request of ``app``, and start the pipeline's serving hooks: the
-    rate limiter's sync, the warning of a service without keys, the drain on SIGTERM."""
+def install(
+    app: Quart,
+    held: Resources,
+    steps: Iterable[Step] = STEPS,
+    wrappers: Iterable[Wrapper] = WRAPPERS,
+) -> Pipeline:
+    """Run ``steps`` on every request of ``app`` inside ``wrappers``, and start the pipeline's
+    serving hooks: the rate limiter's sync, the warning of a service without keys, the drain
+    on SIGTERM."""
     settings = held.settings
     limiter = ratelimit.RateLimiter(settings) if settings.rate_limited else None
-    pipeline = Pipeline(Setup(held, limiter), steps)
+    pipeline = Pipeline(Setup(held, limiter), steps, wrappers)
     if limiter is not None:
         # Its sync task runs while the app serves (and its own Redis connection with it).
         app.before_serving(limiter.start)
@@ -220,4 +265,7 @@ def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipel
         app.teardown_request(pipeline.teardown_request)
     app.before_serving(partial(auth.warn_when_open, settings))
     drain.install(app)
+    # The first of WRAPPERS is the outermost: wrapped last.
+    for wrapper in reversed(pipeline.wrappers):
+        app.asgi_app = wrapper.run(app.asgi_app, settings)  # type: ignore[method-assign,assignment]
     return pipeline
