@@ -45,7 +45,6 @@ from service.pipeline import (
     activity,
     auth,
     body,
-    drain,
     header_limit,
     headers,
     paths,
@@ -63,6 +62,7 @@ __all__ = [
     "WRAPPERS",
     "After",
     "Before",
+    "Caller",
     "Part",
     "Pipeline",
     "RequestState",
@@ -70,6 +70,7 @@ __all__ = [
     "Step",
     "Teardown",
     "Wrapper",
+    "caller",
     "install",
     "installed",
 ]
@@ -193,8 +194,9 @@ class Pipeline:
         self, setup: Setup, steps: Iterable[Step], wrappers: Iterable[Wrapper] = ()
     ) -> None:
         self.setup = setup
-        self.steps = tuple(step for step in steps if step.when(setup.settings))
-        self.wrappers = tuple(wrapper for wrapper in wrappers if wrapper.when(setup.settings))
+        settings = setup.resources.settings
+        self.steps = tuple(step for step in steps if step.when(settings))
+        self.wrappers = tuple(wrapper for wrapper in wrappers if wrapper.when(settings))
         self._before = tuple(step.run for step in self.steps if isinstance(step, Before))
         # (run, whether it is a coroutine function): a plain step's result is the response
         # itself, whatever its class (a Werkzeug response for a routing redirect, say).
@@ -230,6 +232,23 @@ class Pipeline:
                 await waiting
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sends the current request, as the pipeline's key step identified it."""
+
+    # The name of the API key it carries; "" when keys are off or the path is open.
+    name: str
+    # Whether it may do admin work: an admin key, or no keys configured at all.
+    admin: bool
+
+
+def caller() -> Caller:
+    """Who sends the current request (for handlers: the request's state stays the pipeline's)."""
+    state = request_state()
+    key = state.key
+    return Caller(key.name if key is not None else "", state.admin)
+
+
 # Where the app keeps its Pipeline; read through installed() below.
 _EXTENSION = "service.pipeline"
 
@@ -247,8 +266,7 @@ def install(
     wrappers: Iterable[Wrapper] = WRAPPERS,
 ) -> Pipeline:
     """Run ``steps`` on every request of ``app`` inside ``wrappers``, and start the pipeline's
-    serving hooks: the rate limiter's sync, the warning of a service without keys, the drain
-    on SIGTERM."""
+    serving hooks: the rate limiter's sync, the warning of a service without keys."""
     settings = held.settings
     limiter = ratelimit.RateLimiter(settings) if settings.rate_limited else None
     pipeline = Pipeline(Setup(held, limiter), steps, wrappers)
@@ -259,12 +277,11 @@ def install(
     app.extensions[_EXTENSION] = pipeline
     app.before_request(pipeline.before_request)
     # Registered first, so it runs after the ``after`` steps (service/pipeline/headers.py).
-    headers.install_cors(app, settings)
+    headers.install_cors(app, held)
     app.after_request(pipeline.after_request)
     if any(isinstance(step, Teardown) for step in pipeline.steps):
         app.teardown_request(pipeline.teardown_request)
-    app.before_serving(partial(auth.warn_when_open, settings))
-    drain.install(app)
+    app.before_serving(partial(auth.warn_when_open, held))
     # The first of WRAPPERS is the outermost: wrapped last.
     for wrapper in reversed(pipeline.wrappers):
         app.asgi_app = wrapper.run(app.asgi_app, settings)  # type: ignore[method-assign,assignment]

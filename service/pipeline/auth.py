@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from quart import request
 
+from service.backends.resources import Resources
 from service.config import ApiKey, Settings
 from service.contract import METHODS, PROBE_PATHS, READ_METHODS
 from service.errors import APIError
@@ -95,12 +96,13 @@ def find_key(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | No
     return found
 
 
-async def warn_when_open(settings: Settings) -> None:
+async def warn_when_open(held: Resources) -> None:
     """A serving hook: say loudly that a service without keys is open to anyone.
 
     At serving time, not in create_app: Hypercorn configures logging (JSON lines) after it has
     loaded the app, and this line should look like every other.
     """
+    settings = held.settings
     if settings.api_keys:
         return
     log.warning(
@@ -113,7 +115,7 @@ async def warn_when_open(settings: Settings) -> None:
 
 def identify(setup: Setup, state: RequestState) -> None:
     """The scope the request needs and the key it carries (judged later, by :func:`judge`)."""
-    settings = setup.settings
+    settings = setup.resources.settings
     current = state.request
     path = current.path
     if path in DOCS_PATHS and not settings.docs_served:
@@ -140,7 +142,7 @@ def identify(setup: Setup, state: RequestState) -> None:
 def judge(setup: Setup, state: RequestState) -> None:
     """401 without a valid key, 403 for a key without the scope; nothing when keys are off."""
     scope = state.scope
-    if scope is None or not setup.settings.api_keys:
+    if scope is None or not setup.resources.settings.api_keys:
         return
     key = state.key
     if key is None:

@@ -28,7 +28,7 @@ def _wants_profile(settings: Settings, state: RequestState) -> bool:
 
 def start_profile(setup: Setup, state: RequestState) -> None:
     """Profile the request when it carries the profiling token (and may: see _wants_profile)."""
-    if _wants_profile(setup.settings, state):
+    if _wants_profile(setup.resources.settings, state):
         profiler = Profiler(async_mode="enabled")
         profiler.start()
         state.profiler = profiler

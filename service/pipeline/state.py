@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 from quart import Request, g, request
 
 from service.backends.resources import Resources
-from service.config import ApiKey, Settings
+from service.config import ApiKey
 from service.contract import METHODS
 
 if TYPE_CHECKING:
@@ -37,16 +37,12 @@ UNMATCHED = "<unmatched>"
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """What the steps of one app share, fixed when the app is created."""
+    """What the steps of one app share, fixed when the app is created: its resources (and with
+    them its settings, ``setup.resources.settings``) and its rate limiter."""
 
     resources: Resources
     # None when rate limits are off.
     limiter: RateLimiter | None
-
-    @property
-    def settings(self) -> Settings:
-        """The app's settings (those of its resources)."""
-        return self.resources.settings
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import logging
 from quart import Blueprint, Response
 from quart_schema import hide
 
-from service.backends.resources import resources
+from service.framework.resources import resources
 from service.obs import metrics
 from service.obs.watchers import update_pool_gauges
 

@@ -1,4 +1,4 @@
-"""The OpenAPI description: every problem response documented (service/openapi.py)."""
+"""The OpenAPI description: every problem response documented (service/routes/openapi.py)."""
 
 from __future__ import annotations
 
