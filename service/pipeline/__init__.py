@@ -37,6 +37,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from quart import Quart, Response
 
+from service.backends.limiter import RateLimiter
 from service.backends.resources import Resources
 from service.config import Settings
 from service.obs import tracing
@@ -268,7 +269,7 @@ def install(
     """Run ``steps`` on every request of ``app`` inside ``wrappers``, and start the pipeline's
     serving hooks: the rate limiter's sync, the warning of a service without keys."""
     settings = held.settings
-    limiter = ratelimit.RateLimiter(settings) if settings.rate_limited else None
+    limiter = RateLimiter(settings) if settings.rate_limited else None
     pipeline = Pipeline(Setup(held, limiter), steps, wrappers)
     if limiter is not None:
         # Its sync task runs while the app serves (and its own Redis connection with it).

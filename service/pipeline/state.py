@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
     from pyinstrument import Profiler
 
-    from service.pipeline.limiter import RateLimiter
+    from service.backends.limiter import RateLimiter
 
 # The one attribute of `g` the pipeline uses.
 _ATTRIBUTE = "request_state"
