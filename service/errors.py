@@ -112,7 +112,9 @@ def backend_problem(error: BackendError) -> APIError:
                 title="Idempotency-Key reused",
             )
     # A backend error without an answer of its own: the backend is in trouble, retry.
-    return APIError(503, "A backing service is unavailable; retry shortly.")
+    return APIError(
+        503, "A backing service is unavailable; retry shortly.", headers={"Retry-After": "1"}
+    )
 
 
 def problem(
