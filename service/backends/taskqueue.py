@@ -23,9 +23,17 @@ from arq.jobs import serialize_job, serialize_result
 from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
+from service.backends.errors import (
+    ClientLimit,
+    IdempotencyConflict,
+    QueueFull,
+    QueueUnavailable,
+    TaskRefused,
+)
 from service.backends.redis import relay
 from service.config import Settings
 from service.obs import tracing
+from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +88,6 @@ return 1
 
 # arq keeps an unstarted job's key this long past its enqueue time (arq's own default).
 JOB_EXPIRY_MS = 86_400_000
-
-
-class QueueFull(Exception):
-    """The queue holds as many outstanding tasks as it may."""
-
-
-class ClientLimit(Exception):
-    """This client already has as many outstanding tasks as one client may."""
-
-
-class QueueUnavailable(Exception):
-    """Redis did not answer; nothing was enqueued."""
-
-
-class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before for a different request."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +191,6 @@ class TaskQueue:
         idempotency_key: str | None = None,
         owner: str = "",
         client: str | None = None,
-        attempts_left: int = 3,
     ) -> tuple[Task, bool]:
         """Enqueue the heavy task (``queue.HEAVY_TASK``) for ``n``; returns the task and whether
         it was created now.
@@ -207,9 +198,26 @@ class TaskQueue:
         ``owner`` (the API key's name) may read and abort it; ``client`` (the key, or the
         address when keys are off) is held to ``TASK_CLIENT_LIMIT`` outstanding tasks.
         Raises QueueFull past the queue's limit, ClientLimit past the client's,
-        QueueUnavailable when Redis fails, and IdempotencyConflict when the key was used for
-        another ``n``.
+        QueueUnavailable when Redis fails (each counted by its reason), and
+        IdempotencyConflict when the key was used for another ``n``.
         """
+        try:
+            task, created = await self._submit(n, idempotency_key, owner, client)
+        except TaskRefused as refused:
+            TASKS_REFUSED.labels(refused.reason).inc()
+            raise
+        if created:
+            TASKS_ACCEPTED.inc()
+        return task, created
+
+    async def _submit(
+        self,
+        n: int,
+        idempotency_key: str | None,
+        owner: str,
+        client: str | None,
+        attempts_left: int = 3,
+    ) -> tuple[Task, bool]:
         job_id = job_id_for(self.settings, idempotency_key, owner)
         client = owner if client is None else client
         now_ms = int(time.time() * 1000)
@@ -240,16 +248,16 @@ class TaskQueue:
         try:
             outcome = await self._enqueue(keys=keys, args=args)
         except (RedisError, OSError) as error:
-            raise QueueUnavailable(str(error)) from error
+            raise QueueUnavailable(self.settings.task_retry_after, str(error)) from error
         if outcome == -1:
-            raise QueueFull()
+            raise QueueFull(self.settings.task_retry_after, self.settings.task_queue_limit)
         if outcome == -2:
-            raise ClientLimit()
+            raise ClientLimit(self.settings.task_retry_after, self.settings.task_client_limit)
         try:
             task = await self.get(job_id)
         except (RedisError, OSError) as error:
             if outcome != 1:
-                raise QueueUnavailable(str(error)) from error
+                raise QueueUnavailable(self.settings.task_retry_after, str(error)) from error
             # Enqueued, but Redis failed the read-back: the task is accepted, say so.
             return self._just_queued(job_id, n, now_ms, owner), True
         if task is None:
@@ -259,8 +267,10 @@ class TaskQueue:
             # forever. Its key expires by itself.
             if attempts_left <= 1:
                 log.warning("job key %s has no queue entry; not enqueued", job_id)
-                raise QueueUnavailable(f"job {job_id} is in an inconsistent state")
-            return await self.submit(n, idempotency_key, owner, client, attempts_left - 1)
+                raise QueueUnavailable(
+                    self.settings.task_retry_after, f"job {job_id} is in an inconsistent state"
+                )
+            return await self._submit(n, idempotency_key, owner, client, attempts_left - 1)
         if outcome == 0 and task.n != n:
             raise IdempotencyConflict()
         return task, outcome == 1

@@ -21,10 +21,10 @@ from quart import Blueprint, Response
 from quart_schema import document_response, validate_request
 
 from service.backends.db import load_queries
-from service.backends.resources import connection
 from service.emails import email_key, key_of
 from service.errors import APIError, invalid
-from service.openapi import LocationHeader
+from service.framework.resources import connection
+from service.routes.openapi import LocationHeader
 from service.routes.querystring import validate_query
 
 blueprint = Blueprint("users", __name__)

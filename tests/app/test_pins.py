@@ -368,8 +368,8 @@ async def test_arqs_claim_marks_a_job_for_the_lease_and_lists_it_while_it_runs(
 
 
 async def test_deleting_quart_schemas_make_response_leaves_returned_values_unconverted() -> None:
-    """service/app.py deletes the ``make_response`` QuartSchema sets on the app, so that a
-    returned dict skips quart-schema's conversion. With ``convert_casing`` that conversion
+    """service/framework/__init__.py deletes the ``make_response`` QuartSchema sets on the app,
+    so that a returned dict skips quart-schema's conversion. With ``convert_casing`` that conversion
     shows: keys come out camelCase through quart-schema, as written through Quart alone."""
 
     def app_with_schema() -> Quart:
