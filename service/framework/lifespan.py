@@ -19,7 +19,7 @@ by hand gets this instead. Two ways a start fails:
 lifespan task and asyncio's loop let it through, and Python (or, in a worker process,
 multiprocessing) exits with its code. With ``--workers 0`` that code is Hypercorn's; with
 workers, Hypercorn 0.18's supervisor exits 0 whatever its workers' codes (pgjones/hypercorn#269,
-see the README's "Starting Hypercorn directly").
+see docs/deployment.md, "Starting Hypercorn directly").
 
 Only Hypercorn's ``send`` raises: Quart's test app (``app.test_app()``) records the failure and
 raises its own ``LifespanError`` in the test, as before.

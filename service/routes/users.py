@@ -40,7 +40,7 @@ Email = Annotated[
         description="An address that can receive mail: special-use domains (.test, .local, "
         ".invalid, .localhost, .onion, .arpa) and IP-address domains are refused. One user "
         "per address in any case: the part before the @ under Unicode case folding, the "
-        "domain as IDNA maps it (README.md, Routes).",
+        "domain as IDNA maps it (docs/api.md, 'Any case').",
     ),
 ]
 # PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
@@ -56,7 +56,7 @@ EmailKey = Annotated[
         json_schema_extra={"format": "email"},
         description="An e-mail address, found in any case: the same address as the one "
         "stored under Unicode case folding of the part before the @, the domain as IDNA maps "
-        "it (README.md, Routes).",
+        "it (docs/api.md, 'Any case').",
     ),
     AfterValidator(key_of),
 ]
