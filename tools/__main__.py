@@ -40,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "lock-check", help="install requirements.lock on each given Python (make lock-check)"
     )
+    commands.add_parser(
+        "test-busy", help="the suite run after run beside a busy CPU core (make test-busy)"
+    )
     given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["test-busy"]:
+        from tools.busy import main as busy_main
+
+        return busy_main(given[1:])
     if given[:1] == ["images"]:
         from tools.images import main as images_main
 
