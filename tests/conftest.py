@@ -22,6 +22,7 @@ from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings, load_settings
 from service.obs import tracing
+from tests.support.windows import fresh_window
 from tools.devstack import ensure_services, with_search_path
 from tools.private_servers import free_port
 
@@ -160,6 +161,13 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def one_window() -> int:
+    """RATE_LIMIT_WINDOW for a test that counts against a limit: its requests all fall in one
+    window (tests/support/windows.py)."""
+    return fresh_window()
 
 
 @pytest.fixture

@@ -22,19 +22,23 @@ from service.pipeline import installed
 from service.pipeline.ratelimit import RateLimiter
 from tests.app.test_auth import bearer, production
 from tests.support.faultproxy import FaultProxy
+from tests.support.windows import fresh_window
 from tools.private_servers import private_redis
-
-# An hour's window: each test's counts must fall in one window. With the default minute, runs
-# that crossed a window's end lost the outage's counts with their window, and a request
-# refused as its window ran out (Verdict reset=1) read as a wrong refusal.
-WINDOW = 3600
 
 
 def limited_app(settings: Settings, redis_url: str, **changes: object) -> Quart:
-    """The app in production configuration on ``redis_url``: 4 reads per key and window."""
+    """The app in production configuration on ``redis_url``: 4 reads per key and window.
+
+    Each test's counts must fall in one window (tests/support/windows.py). With the default
+    minute, runs that crossed a window's end lost the outage's counts with their window, and a
+    request refused as its window ran out (Verdict reset=1) read as a wrong refusal."""
     return create_app(
         production(
-            settings, redis_url=redis_url, rate_limit_read=4, rate_limit_window=WINDOW, **changes
+            settings,
+            redis_url=redis_url,
+            rate_limit_read=4,
+            rate_limit_window=fresh_window(),
+            **changes,
         )
     )
 
@@ -147,7 +151,7 @@ async def test_a_slow_redis_costs_a_request_at_most_the_sync_already_out(
         slow = settings.model_copy(
             update={
                 "redis_url": f"redis://{proxy.host}:{proxy.port}/{upstream.path.strip('/')}",
-                "rate_limit_window": WINDOW,
+                "rate_limit_window": fresh_window(),
             }
         )
         limiter = RateLimiter(slow)
