@@ -137,7 +137,7 @@ async def test_a_blocking_route_is_reported_with_its_stack(
     report = reports[0]
     assert report.blocked_by == "GET /block (request blocker-1)"  # type: ignore[attr-defined]
     stack: str = report.stack  # type: ignore[attr-defined]
-    assert "time.sleep(0.5)" in stack
+    assert "time.sleep(seconds)" in stack  # the handler's own line
     after = await scrape(blocking_client)
     assert value(after, "quart_service_event_loop_blocked_total") - before >= 1
     assert (
