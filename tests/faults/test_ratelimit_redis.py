@@ -104,11 +104,12 @@ async def test_a_hung_redis_counts_as_down_after_its_socket_timeout(settings: Se
             assert await statuses(client, "reader", 1) == [200]
             server.freeze()
             try:
-                started = time.monotonic()
                 # A new key waits for a sync that times out, a PING confirms: the local share.
-                assert await statuses(client, "all", 3) == [200, 200, 429]
+                # Redis stays frozen until they are answered: answered at all, they did not
+                # wait for it (the bound only turns a hang into a failure).
+                answered = await asyncio.wait_for(statuses(client, "all", 3), 60)
+                assert answered == [200, 200, 429]
                 assert limiter.redis_down
-                assert time.monotonic() - started < 2
             finally:
                 server.thaw()
             await wait_until(lambda: not limiter.redis_down)
