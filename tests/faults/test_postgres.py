@@ -98,6 +98,7 @@ async def test_postgres_restart_under_load_costs_503s_not_500s_and_recovers(port
 
                 async def ready() -> bool:
                     # Once READINESS_CACHE has let go of the check made during the outage.
+                    assert server.poll() is None, f"Hypercorn exited: {output(server)[-5000:]}"
                     return (await http.get("/readyz")).status_code == 200
 
                 ready_up = await until(ready, "/readyz answered 200 again")
