@@ -21,6 +21,7 @@ from service.pipeline.proxy import trust_proxies
 from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
 from service.routes.reports import blueprint as reports_blueprint
+from service.routes.task_events import blueprint as task_events_blueprint
 from service.routes.tasks import blueprint as tasks_blueprint
 from service.routes.users import blueprint as users_blueprint
 from service.startup import ReportingLifespan, refuse_bad_settings, without_startup_tracebacks
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
     app.register_blueprint(tasks_blueprint)
+    app.register_blueprint(task_events_blueprint)
     app.register_blueprint(reports_blueprint)
     app.register_blueprint(instrument.blueprint)
     # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it; with
