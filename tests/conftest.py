@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from quart import Quart
+from quart.testing import TestApp as TestAppClass
 from quart.typing import TestAppProtocol as TestApp
 from quart.typing import TestClientProtocol as Client
 
@@ -79,6 +80,24 @@ def _fast_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: An
     for module, name in _PROCESS_STARTERS:
         if hasattr(module, name):
             monkeypatch.setattr(module, name, refuse)
+
+
+class _PatientTestApp(TestAppClass):
+    """Quart's test app with 60 s, not its default 6, for the serving hooks to open and close
+    the app's pools and clients: beside a busy core a teardown that takes 0.06 s on a quiet
+    machine ran out of the 6 s."""
+
+    def __init__(self, app: Quart, startup_timeout: int = 60, shutdown_timeout: int = 60):
+        super().__init__(app, startup_timeout, shutdown_timeout)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _patient_test_apps() -> Iterator[None]:
+    """Every ``app.test_app()`` of the suite is a :class:`_PatientTestApp` (``test_app_class``
+    is Quart's documented place for the class)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Quart, "test_app_class", _PatientTestApp)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The guard of tests/conftest.py: a test not marked slow cannot start a process, by any route.
+(And the conftest's other promise to every test: in-process apps get a minute to start and stop.)
 
 `make test-fast` promises no process started; a test that starts one unmarked fails here
 instead of passing by luck (as the benchmark picture did where matplotlib's font cache existed).
@@ -15,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 
 import pytest
+from quart.typing import TestAppProtocol as TestApp
 
 REFUSED = "starts a process: mark it @pytest.mark.slow"
 
@@ -70,3 +72,8 @@ def test_a_test_marked_slow_starts_processes() -> None:
     child.start()
     child.join(timeout=60)
     assert child.exitcode == 0
+
+
+async def test_in_process_apps_get_a_minute_to_start_and_stop(app: TestApp) -> None:
+    """tests/conftest.py gives Quart's test app 60 s for the serving hooks, not its 6."""
+    assert (app.startup_timeout, app.shutdown_timeout) == (60, 60)  # type: ignore[attr-defined]
