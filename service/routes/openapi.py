@@ -145,6 +145,20 @@ EMPTY_SUCCESSES: Mapping[tuple[str, str], dict[str, Any]] = {
 }
 
 
+def _fix_optional_headers(operation: dict[str, Any]) -> None:
+    # An optional request header (`str | None` in its model) is written as "a string, or null";
+    # a header cannot be null, and a client generated from the description would send the
+    # text "null". Absent is what optional means for a header: keep the string's schema only.
+    for parameter in operation.get("parameters", []):
+        schema = parameter.get("schema", {})
+        if parameter.get("in") != "header" or "anyOf" not in schema:
+            continue
+        kept = [branch for branch in schema["anyOf"] if branch.get("type") != "null"]
+        if len(kept) == 1:
+            rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+            parameter["schema"] = {**rest, **kept[0]}
+
+
 def _fix_response_headers(response: dict[str, Any]) -> None:
     # quart-schema writes a response's headers model inside `content`, as if "headers" were a
     # media type; OpenAPI wants them beside it, one header object per header.
@@ -251,6 +265,7 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
                 for status in problem_statuses(method, path, operation):
                     responses.setdefault(str(status), problem_response(status))
                 operation["responses"] = responses
+                _fix_optional_headers(operation)
                 if (method, path) in self._tags:
                     operation["tags"] = [self._tags[(method, path)]]
                 if "requestBody" in operation:
