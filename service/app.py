@@ -13,9 +13,10 @@ from service import pipeline
 from service.backends import resources
 from service.config import ConfigError, Settings, load_settings
 from service.errors import register_error_handlers
-from service.obs.logs import configure_logging
+from service.framework import h2c
+from service.obs.logs import capture_warnings, configure_logging
 from service.openapi import ServiceOpenAPIProvider
-from service.pipeline import instrument
+from service.pipeline import instrument, websocket
 from service.pipeline.header_limit import limit_headers
 from service.pipeline.proxy import trust_proxies
 from service.routes import docs
@@ -34,6 +35,8 @@ def create_app(settings: Settings | None = None) -> Quart:
         # Hypercorn applies hypercorn.toml's logging only once the app is loaded and started;
         # until then lines logged here would come out bare, not as JSON.
         configure_logging()
+    # Under Hypercorn too, whose logconfig_dict (hypercorn.toml) set the handlers up already.
+    capture_warnings()
     if settings is None:
         try:
             settings = load_settings()
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         docs.install(app, settings)
     register_error_handlers(app)
     held = resources.install(app, settings)  # the pool, Redis, the task queue, the report cache
+    h2c.install(app, settings.http2_cleartext)  # cleartext connections stay HTTP/1.1
     pipeline.install(app, held)  # every per-request step, in order (service/pipeline/)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
@@ -81,6 +85,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.asgi_app = trust_proxies(app.asgi_app, settings.trusted_proxies)  # type: ignore[method-assign,assignment]
     # Outermost: an oversized head is refused before Quart builds a request from it.
     app.asgi_app = limit_headers(app.asgi_app, settings.max_header_bytes)  # type: ignore[method-assign,assignment]
+    # Outermost of all: a WebSocket handshake is served by every step above as an HTTP GET.
+    app.asgi_app = websocket.handshakes_as_http(app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
 

@@ -36,7 +36,18 @@ from quart import Quart, Response
 from service.backends.resources import Resources
 from service.config import Settings
 from service.obs import tracing
-from service.pipeline import auth, body, drain, headers, instrument, paths, ratelimit, request_id
+from service.pipeline import (
+    auth,
+    body,
+    drain,
+    framing,
+    headers,
+    instrument,
+    paths,
+    ratelimit,
+    request_id,
+    websocket,
+)
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
 __all__ = [
@@ -113,12 +124,16 @@ STEPS: tuple[Step, ...] = (
     Before("trace span", instrument.start_span, when=_tracing),
     # Before anything that may log: every line logged from here on carries the request's id.
     Before("request id", request_id.assign),
+    # Framed two ways (or HTTP/2's preface): 400 and the connection closed, whatever the key.
+    Before("unambiguous framing", framing.refuse_ambiguous),
     # Werkzeug would match `//users/1` as `/users/1`: refused first, whatever the key.
     Before("no leading //", paths.refuse_leading_double_slash),
     Before("key and scope", auth.identify),
     # Counted before the key is judged, so a flood of bad keys is limited too.
     Before("rate limit", ratelimit.count, when=_rate_limited),
     Before("key verdict", auth.judge, when=_keys_configured),
+    # A WebSocket handshake has passed the key and the limits as a GET (pipeline/websocket.py).
+    Before("no WebSocket", websocket.refuse_handshake),
     Before("body checks", body.check),
     Before("loop-watch activity", instrument.mark_activity),
     Before("profiling", instrument.start_profile, when=_profiling),
