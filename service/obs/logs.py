@@ -211,6 +211,13 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
     }
 
 
+def capture_warnings() -> None:
+    """Python's warnings as log records (logger ``py.warnings``, level WARNING), so that they
+    come out as JSON lines like every other line, not as bare text on stderr."""
+    logging.captureWarnings(True)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """JSON logging for a process that is not started by Hypercorn (the worker, commands)."""
     logging.config.dictConfig(logging_config(level))
+    capture_warnings()
