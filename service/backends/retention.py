@@ -1,15 +1,16 @@
 """How many finished tasks one client keeps in Redis: the newest ``TASK_RESULTS_KEPT``.
 
-Each finished task leaves its result (arq's result key, about 300 bytes) and its owner record
-(about 100) for ``TASK_RESULT_TTL``, and the owner record a day longer (it must outlive an
-unstarted job too). A client submitting at its write limit for a day would keep hundreds of
-thousands of them, about 130 MB at the defaults, in a Redis that never evicts (compose.yaml
-says why): one key could fill it. So every task a client submits is noted in that client's
+Each finished task leaves its result (arq's result key, 344 bytes in Redis) and its owner record
+(152) for ``TASK_RESULT_TTL``, and the owner record a day longer (it must outlive an unstarted
+job too). A client submitting at its write limit (120 a minute) keeps 172,800 results and
+twice as many owner records, about 110 MB, in a Redis that never evicts (compose.yaml says
+why): a few keys could fill it. So every task a client submits is noted in that client's
 set, by time, and once the set holds more than ``TASK_RESULTS_KEPT`` the oldest finished ones
 are forgotten at once, as if their results had expired: ``GET /tasks/{id}`` answers 404, and an
 ``Idempotency-Key`` of theirs starts a new task. Tasks still queued or running are never
 dropped (a client has at most ``TASK_CLIENT_LIMIT`` of them), so a client keeps at most
-``TASK_RESULTS_KEPT + TASK_CLIENT_LIMIT`` tasks, about 0.5 MB at the defaults.
+``TASK_RESULTS_KEPT + TASK_CLIENT_LIMIT`` tasks: with its place in the set (about 150 bytes),
+about 650 bytes each, 0.7 MB at the defaults.
 
 arq's keys are named in the script from their prefixes, not passed as KEYS: the service runs on
 one Redis (or a Sentinel-watched primary), never a Redis Cluster, which arq does not support.

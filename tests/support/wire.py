@@ -30,39 +30,38 @@ class Reply:
     events: list[h2.events.Event] = field(default_factory=list)
     closed: bool = False
 
+    def answers(self) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        """Each whole HTTP/1.1 response received, in order: status, headers (names in lower
+        case), body (by its Content-Length; a 101 has none)."""
+        found, rest = [], self.raw
+        while rest.startswith(b"HTTP/1.1 "):
+            head, complete, after = rest.partition(b"\r\n\r\n")
+            if not complete:
+                break
+            lines = head.split(b"\r\n")
+            headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(b":") for line in lines[1:])
+            }
+            length = int(headers.get(b"content-length", b"0"))
+            if len(after) < length:
+                break
+            found.append((int(lines[0].split()[1]), headers, after[:length]))
+            rest = after[length:]
+        return found
+
     def statuses(self) -> list[int]:
-        """The status line of each HTTP/1.1 response, in order (a 101 included)."""
-        return [
-            int(line.split()[1])
-            for line in self.raw.split(b"\r\n")
-            if line.startswith(b"HTTP/1.1 ") and len(line.split()) > 1
-        ]
+        """The status of each whole HTTP/1.1 response, in order (a 101 included)."""
+        return [status for status, _, _ in self.answers()]
 
     def first_answer(self) -> tuple[dict[bytes, bytes], bytes]:
-        """The headers (names in lower case) and body of the first HTTP/1.1 response."""
-        head, _, rest = self.raw.partition(b"\r\n\r\n")
-        headers = {
-            name.strip().lower(): value.strip()
-            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
-        }
-        return headers, rest[: int(headers.get(b"content-length", b"0"))]
+        """The headers and body of the first HTTP/1.1 response."""
+        _, headers, body = self.answers()[0]
+        return headers, body
 
     def complete_http1_answers(self) -> int:
-        """How many whole HTTP/1.1 responses (head and Content-Length body) have arrived."""
-        count, rest = 0, self.raw
-        while rest.startswith(b"HTTP/1.1 "):
-            head, found, body = rest.partition(b"\r\n\r\n")
-            if not found:
-                break
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(body) < length:
-                break
-            count, rest = count + 1, body[length:]
-        return count
+        """How many whole HTTP/1.1 responses have arrived."""
+        return len(self.answers())
 
 
 class Wire:
