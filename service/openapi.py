@@ -20,7 +20,7 @@ from quart_schema.openapi import QUART_SCHEMA_OPERATION_ID_ATTRIBUTE, OpenAPIPro
 
 from service.backends.resources import resources
 from service.contract import BODY_METHODS, PROBE_PATHS
-from service.errors import PROBLEM_JSON
+from service.errors import MAX_ERRORS_LISTED, PROBLEM_JSON
 
 
 class LocationHeader(BaseModel):
@@ -66,7 +66,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "request_id": {"type": "string", "description": "Quote it when reporting the error."},
         "errors": {
             "type": "array",
-            "description": "What was wrong, for validation errors.",
+            "description": "What was wrong, for validation errors: the first few.",
+            "maxItems": MAX_ERRORS_LISTED,
             "items": {
                 "type": "object",
                 "required": ["loc", "msg", "type"],
@@ -76,6 +77,11 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                     "type": {"type": "string"},
                 },
             },
+        },
+        "errors_omitted": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "How many more errors there were than `errors` lists.",
         },
     },
 }
