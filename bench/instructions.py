@@ -111,7 +111,7 @@ def _service(left_out: set[str]) -> Any:
     watchers (see the module's docstring)."""
     import service.pipeline as pipeline
     from service.app import create_app
-    from service.pipeline import instrument
+    from service.obs.watchers import Watchers
 
     if "ALL" in left_out:
         left_out |= {step.name for step in pipeline.STEPS}
@@ -119,13 +119,17 @@ def _service(left_out: set[str]) -> Any:
     if unknown:
         raise SystemExit(f"no such step: {', '.join(sorted(unknown))}")
     steps = tuple(step for step in pipeline.STEPS if step.name not in left_out)
-    saved = pipeline.install.__defaults__, instrument.install_watchers
-    pipeline.install.__defaults__ = (steps,)
-    instrument.install_watchers = lambda app, held: None
+    saved = pipeline.install.__defaults__
+    pipeline.install.__defaults__ = (steps, pipeline.WRAPPERS)
     try:
         app = create_app()
     finally:
-        pipeline.install.__defaults__, instrument.install_watchers = saved
+        pipeline.install.__defaults__ = saved
+    # The watchers' serving hooks are taken off again: their timers would be counted.
+    for hooks in (app.before_serving_funcs, app.after_serving_funcs):
+        hooks[:] = [
+            hook for hook in hooks if not isinstance(getattr(hook, "__self__", None), Watchers)
+        ]
     if "header_limit" in left_out:
         app.asgi_app = type(app).asgi_app.__get__(app)  # type: ignore[method-assign]
     return app
@@ -252,7 +256,7 @@ async def _inner(args: argparse.Namespace, emails: list[str]) -> None:
 
 
 def _environment(url: str, folder: Path, production: bool) -> dict[str, str]:
-    from service.apikeys import generate_key, key_entry
+    from service.ops.keygen import generate_key, key_entry
     from tools.devstack import ensure_services
 
     env = {

@@ -9,8 +9,8 @@ import subprocess
 from bench import client
 from bench.counters import CpuWindow, per_request_us
 from bench.database import DOMAIN_SLOTS
+from bench.figures import Load, parse_wrk
 from bench.options import HOST, LUA
-from bench.report import Load, parse_wrk
 from bench.systems import System
 
 

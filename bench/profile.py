@@ -63,14 +63,14 @@ PARTS: list[tuple[str, str | None, str | None]] = [
     ("  redis-py client (the Redis round trip's CPU)", r"\(redis/", None),
     ("body checks", r"\(service/pipeline/body", None),
     ("exposure headers (after)", r"^exposure \(service/pipeline/headers", None),
-    ("metrics (record_metrics)", r"^record_metrics \(service/pipeline/instrument", None),
-    ("request log line (log_request)", r"^log_request \(service/pipeline/instrument", None),
+    ("metrics (record_metrics)", r"^record_metrics \(service/pipeline/timing", None),
+    ("request log line (log_request)", r"^log_request \(service/pipeline/access_log", None),
     ("  prometheus_client (labels, observe, inc)", r"\(prometheus_client/", None),
     ("    multiprocess value writes", r"\(prometheus_client/(mmap_dict|values)\.py", None),
     ("  logging module (every line logged)", r"\(logging/__init__\.py", None),
     ("    the JSON formatter", r"\(service/obs/logs\.py", None),
     ("loop watch: activity steps, ticker",
-     r"(_activity|_tick) \(service/(obs/loopwatch|pipeline/instrument)", None),
+     r"(_activity|_tick) \(service/(obs/loopwatch|pipeline/activity)", None),
     ("JSON encoding (json module)", r"\(json/", None),
 ]  # fmt: skip
 IDLE = re.compile(r"^(Condition\.wait|Event\.wait) \(threading\.py")

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import database, scenarios
+from bench.figures import Outcome, Results, Rounds
 from bench.machine import machine_info
 from bench.options import BENCH, FULL_SYSTEMS, ROOT, Options, parse_args, say
 from bench.procs import Group, MemoryWatch
-from bench.report import Outcome, Results, Rounds, render, to_json
+from bench.report import render, to_json
 from bench.scenarios import Context, median_load
 from bench.systems import (
     Backends,

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from bench import client
 from bench.counters import Counter, delete_keys, metric_counter, pgstat_counter, redis_counter
 from bench.database import DOMAIN_SLOTS
+from bench.figures import Load, Outcome, load_from_samples
 from bench.load import finish_wrk, measured, missing, probe, run_wrk, start_wrk, wrk_command
 from bench.options import HOST, Options, say
-from bench.report import Load, Outcome, load_from_samples
 from bench.systems import FLASK_CACHE_KEY, FLASK_COUNTER_KEY, Backends, System
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
 

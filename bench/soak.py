@@ -27,10 +27,10 @@ from typing import Any
 import asyncpg
 
 from bench.database import DOMAIN_SLOTS, database_url, seed_queries, seed_service, server_url
+from bench.figures import Load, parse_wrk
 from bench.machine import machine_info
 from bench.options import BENCH, HOST, LUA, ROOT
 from bench.procs import Group, _stat, role
-from bench.report import Load, parse_wrk
 from bench.run import stopping
 from bench.systems import (
     SERVICE_REDIS_PREFIX,

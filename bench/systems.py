@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from bench import client
 from bench.options import BASELINE, HOST, ROOT, BenchError, say
 from bench.procs import Group, _cmdline, _stat
-from service.apikeys import generate_key, key_entry
+from service.ops.keygen import generate_key, key_entry
 from tools.private_ha import PrivatePgBouncer, wait_for_port
 from tools.private_servers import free_port, port_open
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.report import Load, Results, Rounds, load_of, median_ratio, ratio
+from bench.figures import Load, Results, Rounds, load_of, median_ratio, ratio
 
 TASK_MEDIAN_MS = 15.0
 

@@ -1,5 +1,9 @@
 """Operator commands: ``python -m service migrate``, ``keygen``, ``doctor``, ``preflight``,
-``healthcheck``. (Development tools are ``python -m tools <command>`` instead.)"""
+``healthcheck``. (Development tools are ``python -m tools <command>`` instead.)
+
+Each command is a module of service/ops/; this one reads the command line, and the settings for
+the commands that need them.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,27 @@ import asyncio
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from service.apikeys import SCOPES, generate_key, key_entry, parse_api_keys
 from service.ops import healthcheck
 
+if TYPE_CHECKING:
+    from service.config import Settings
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service")
-    commands = parser.add_subparsers(dest="command", required=True)
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per operator command."""
+    root = argparse.ArgumentParser(prog="python -m service")
+    commands = root.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply the migrations in sql/migrations")
-    keygen = commands.add_parser("keygen", help="print a new API key and its API_KEYS entry")
-    keygen.add_argument("--name", default="client", help="the key's name (logs, rate limits)")
-    keygen.add_argument(
-        "--scopes", default="read", help=f"comma-separated, of {', '.join(SCOPES)} (default: read)"
+    keygen_parser = commands.add_parser("keygen", help="print a new API key and its API_KEYS entry")
+    keygen_parser.add_argument(
+        "--name", default="client", help="the key's name (logs, rate limits)"
+    )
+    # The scopes spelled out, not read from service.config: the health probe below runs every
+    # few seconds and must not wait for pydantic to load (about a second on a busy machine).
+    keygen_parser.add_argument(
+        "--scopes", default="read", help="comma-separated, of read, write, admin (default: read)"
     )
     doctor = commands.add_parser(
         "doctor",
@@ -54,17 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 0 when HEALTHCHECK_URL (default http://127.0.0.1:8000/healthz) answers 200: "
         "the API image's health check",
     )
-    args = parser.parse_args(argv)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = parser()
+    args = commands.parse_args(argv)
     if args.command == "healthcheck":
         return healthcheck.main()
-    if args.command == "keygen":
-        return _keygen(args.name, args.scopes)
     # Imported here: the health probe above must stay quick, and needs none of them.
-    import asyncpg
+    if args.command == "keygen":
+        from service.ops import keygen
 
-    from service.backends.db import MigrationChanged, MigrationRefused, migrate_database
+        return keygen.main(args.name, args.scopes)
     from service.config import ConfigError, load_settings
-    from service.ops import preflight
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -74,64 +89,70 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     if args.command == "preflight":
-        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        given = preflight.DEPENDENCIES if args.needs is None else args.needs.split(",")
-        needs = tuple(name.strip() for name in given if name.strip())
-        unknown = set(needs) - set(preflight.DEPENDENCIES)
-        if unknown or not needs:
-            parser.error(f"--needs takes {','.join(preflight.DEPENDENCIES)}, not {args.needs!r}")
-        if args.migrate and "postgres" not in needs:
-            parser.error("--migrate needs postgres")
-        return preflight.run(settings, command, needs=needs, migrate=args.migrate)
+        return _preflight(commands, args, settings)
     if args.command == "migrate":
-        try:
-            applied = asyncio.run(migrate_database(settings))
-        except (OSError, TimeoutError, asyncpg.PostgresError) as error:
-            # Not a traceback: which variable to look at, and what PostgreSQL said.
-            print(
-                f"cannot migrate: the PostgreSQL of DATABASE_URL refused or did not answer "
-                f"({type(error).__name__}: {error}); set DATABASE_URL to a server you may use",
-                file=sys.stderr,
-            )
-            return 3
-        except MigrationChanged as error:
-            print(f"cannot migrate: {error}", file=sys.stderr)
-            return preflight.MIGRATION_CHANGED_EXIT
-        except MigrationRefused as error:
-            print(f"cannot migrate: {error}", file=sys.stderr)
-            return preflight.MIGRATION_REFUSED_EXIT
-        print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+        return _migrate(settings)
     if args.command == "doctor":
-        from service.ops.doctor import diagnose, render_table, worst
-
-        checks = asyncio.run(
-            diagnose(
-                settings,
-                args.url,
-                window=args.window,
-                worker_metrics_url=args.worker_metrics_url,
-                api_key=os.environ.get(args.api_key_env) or None,
-            )
-        )
-        print(render_table(checks))
-        return 1 if worst(checks) == "fail" else 0
+        return _doctor(args, settings)
     return 0
 
 
-def _keygen(name: str, scopes_text: str) -> int:
-    # Needs no settings: it must work before the service can start (production needs a key).
-    scopes = tuple(scope.strip() for scope in scopes_text.split(",") if scope.strip())
-    key = generate_key()
-    entry = key_entry(name, key, scopes)
+def _preflight(
+    commands: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings
+) -> int:
+    from service.ops import preflight
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    given = preflight.DEPENDENCIES if args.needs is None else args.needs.split(",")
+    needs = tuple(name.strip() for name in given if name.strip())
+    unknown = set(needs) - set(preflight.DEPENDENCIES)
+    if unknown or not needs:
+        commands.error(f"--needs takes {','.join(preflight.DEPENDENCIES)}, not {args.needs!r}")
+    if args.migrate and "postgres" not in needs:
+        commands.error("--migrate needs postgres")
+    return preflight.run(settings, command, needs=needs, migrate=args.migrate)
+
+
+def _migrate(settings: Settings) -> int:
+    import asyncpg
+
+    from service.backends.db import MigrationChanged, MigrationRefused, migrate_database
+    from service.ops import preflight
+
     try:
-        parse_api_keys(entry)
-    except ValueError as error:
-        print(f"keygen: {error}", file=sys.stderr)
-        return 2
-    print(f"API key (give it to the client; it is shown only once):\n  {key}")
-    print("Add this entry to API_KEYS (comma-separated with any others):")
-    print(f"  API_KEYS={entry}")
+        applied = asyncio.run(migrate_database(settings))
+    except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+        # Not a traceback: which variable to look at, and what PostgreSQL said.
+        print(
+            f"cannot migrate: the PostgreSQL of DATABASE_URL refused or did not answer "
+            f"({type(error).__name__}: {error}); set DATABASE_URL to a server you may use",
+            file=sys.stderr,
+        )
+        return 3
+    except MigrationChanged as error:
+        print(f"cannot migrate: {error}", file=sys.stderr)
+        return preflight.MIGRATION_CHANGED_EXIT
+    except MigrationRefused as error:
+        print(f"cannot migrate: {error}", file=sys.stderr)
+        return preflight.MIGRATION_REFUSED_EXIT
+    print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     return 0
+
+
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from service.ops.doctor import diagnose, render_table, worst
+
+    checks = asyncio.run(
+        diagnose(
+            settings,
+            args.url,
+            window=args.window,
+            worker_metrics_url=args.worker_metrics_url,
+            api_key=os.environ.get(args.api_key_env) or None,
+        )
+    )
+    print(render_table(checks))
+    return 1 if worst(checks) == "fail" else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,8 +19,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.apikeys import ApiKey, format_api_keys, parse_api_keys
-
 # Seconds the client waits past DB_STATEMENT_TIMEOUT_MS before it gives up on a query.
 DB_COMMAND_MARGIN = 1.0
 # The statements one report computation runs (sql/reports.sql, in one transaction).
@@ -31,6 +31,68 @@ CACHE_LOCK_WAIT_UNBOUNDED = 10.0
 
 _DEVELOPMENT_TASK_ID_SECRET = "development-only-task-id-secret"  # noqa: S105 (refused in production)
 _PG_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+
+
+# -- API_KEYS: the configured keys, as hashes (a key itself is made by service/ops/keygen.py) --
+
+SCOPES = ("read", "write", "admin")
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One configured key: a name (for logs and rate limits), its SHA-256 digest, its scopes.
+
+    A key is 32 random bytes, so an unsalted SHA-256 of it cannot be reversed or guessed; the
+    configuration holds only that hash, never the key."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    scopes: frozenset[str]
+
+
+def format_api_keys(keys: tuple[ApiKey, ...]) -> str:
+    """The ``API_KEYS`` text of parsed keys: the inverse of :func:`parse_api_keys`."""
+    return ",".join(
+        f"{key.name}:{key.digest.hex()}:{'+'.join(s for s in SCOPES if s in key.scopes)}"
+        for key in keys
+    )
+
+
+def parse_api_keys(value: str) -> tuple[ApiKey, ...]:
+    """Parse ``API_KEYS``: comma-separated ``name:sha256hex:scope+scope`` entries.
+
+    Raises ValueError saying which entry is wrong (by position and name, never echoing a hash).
+    """
+    keys: list[ApiKey] = []
+    seen: set[str] = set()
+    for position, raw in enumerate(value.split(","), start=1):
+        entry = raw.strip()
+        if not entry:
+            continue
+        parts = entry.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"entry {position} is not name:sha256hex:scope+scope")
+        name, digest, scope_text = (part.strip() for part in parts)
+        if not _KEY_NAME.fullmatch(name):
+            raise ValueError(f"entry {position}: the name must be 1-64 of A-Z a-z 0-9 _ . -")
+        if name in seen:
+            raise ValueError(f"entry {position}: the name {name!r} is used twice")
+        if not _KEY_HEX.fullmatch(digest.lower()):
+            raise ValueError(
+                f"entry {position} ({name}): the hash must be 64 hex digits (SHA-256 of the key)"
+            )
+        scopes = frozenset(scope.strip() for scope in scope_text.split("+") if scope.strip())
+        unknown = scopes - set(SCOPES)
+        if not scopes or unknown:
+            raise ValueError(
+                f"entry {position} ({name}): scopes must be some of {'+'.join(SCOPES)}"
+            )
+        seen.add(name)
+        keys.append(ApiKey(name=name, digest=bytes.fromhex(digest), scopes=scopes))
+    return tuple(keys)
 
 
 def _api_keys(value: object) -> tuple[ApiKey, ...]:
@@ -95,6 +157,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     environment: Literal["development", "production"] = "development"
+    # Log lines: JSON, or one readable line per event; auto is text on a terminal outside
+    # production, JSON otherwise. Read by service/obs/logs.py before the settings are (so a
+    # bad setting is logged too); validated here.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     db_pool_min_size: int = Field(default=2, ge=0, le=1000)
@@ -183,7 +249,7 @@ class Settings(BaseSettings):
     # Child processes computing tasks in each worker; 0 means one per core.
     worker_processes: int = Field(default=0, ge=0, le=256)
     # The longest an idle worker waits between polls of the queue. A queued job, an abort and
-    # a freed slot wake it at once (workers/wake.py); the polls catch what no message tells.
+    # a freed slot wake it at once (workers/worker.py); the polls catch what no message tells.
     worker_poll_delay: float = Field(default=0.5, gt=0, le=5)
     # CPU priority (nice) of the compute processes: on a machine shared with the API, requests
     # are served first and the sums take the idle CPU. 0 leaves them at the worker's priority.

@@ -6,7 +6,7 @@ No Quart import: the container's health check and the operator commands read it 
 from __future__ import annotations
 
 # The probes of orchestrators and load balancers: never a key, never a rate limit, nothing to
-# validate (service/pipeline/auth.py, service/openapi.py, service/routes/health.py).
+# validate (service/pipeline/auth.py, service/routes/openapi.py, service/routes/health.py).
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
 PROBE_PATHS = frozenset({LIVENESS_PATH, READINESS_PATH})

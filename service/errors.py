@@ -1,7 +1,9 @@
 """Errors as ``application/problem+json`` (RFC 9457), and the handlers that make every failure one.
 
 No traceback ever reaches a client: unexpected errors are logged with the request id, and the
-client gets a 500 problem carrying that id so the two can be matched.
+client gets a 500 problem carrying that id so the two can be matched. The backends raise their
+own errors (service/backends/errors.py), which know no HTTP: :func:`backend_problem` is the one
+place they become statuses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from quart_schema import RequestSchemaValidationError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from service.backends.errors import (
+    BackendError,
+    ClientLimit,
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    QueueFull,
+    QueueUnavailable,
+    UnstorableValue,
+)
 from service.obs.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,51 @@ def invalid(detail: str, loc: list[str], msg: str, kind: str = "value_error") ->
         title=VALIDATION_TITLE,
         type=VALIDATION_TYPE,
         errors=[{"loc": loc, "msg": msg, "type": kind}],
+    )
+
+
+def backend_problem(error: BackendError) -> APIError:
+    """How the answer to a backend's error reads: its status, its words, when to retry."""
+    match error:
+        case DatabaseUnavailable():
+            return APIError(
+                503, "The database is unavailable; retry shortly.", headers={"Retry-After": "1"}
+            )
+        case UnstorableValue():
+            return APIError(
+                422,
+                "A value in the request cannot be stored.",
+                title=VALIDATION_TITLE,
+                type=VALIDATION_TYPE,
+            )
+        case ClientLimit(limit=limit, retry_after=retry_after):
+            return APIError(
+                429,
+                f"This client already has {limit} outstanding tasks (TASK_CLIENT_LIMIT); "
+                "retry when one has ended.",
+                headers={"Retry-After": str(retry_after)},
+            )
+        case QueueFull(limit=limit, retry_after=retry_after):
+            return APIError(
+                503,
+                f"The task queue is full ({limit} outstanding); retry later.",
+                headers={"Retry-After": str(retry_after)},
+            )
+        case QueueUnavailable(retry_after=retry_after):
+            return APIError(
+                503,
+                "The task queue is unavailable; retry later.",
+                headers={"Retry-After": str(retry_after)},
+            )
+        case IdempotencyConflict():
+            return APIError(
+                422,
+                "This Idempotency-Key was used for a task with another n.",
+                title="Idempotency-Key reused",
+            )
+    # A backend error without an answer of its own: the backend is in trouble, retry.
+    return APIError(
+        503, "A backing service is unavailable; retry shortly.", headers={"Retry-After": "1"}
     )
 
 
@@ -168,6 +224,10 @@ def register_error_handlers(app: Quart) -> None:
         return problem(
             error.status, error.detail, title=error.title, headers=error.headers, **error.extra
         )
+
+    @app.errorhandler(BackendError)
+    async def _backend_error(error: BackendError) -> Response:
+        return await _api_error(backend_problem(error))
 
     @app.errorhandler(RequestSchemaValidationError)
     async def _invalid_request(error: RequestSchemaValidationError) -> Response:

@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.apikeys import SCOPES, generate_key, key_entry
-from service.config import Settings
+from service.config import SCOPES, Settings
+from service.ops.keygen import generate_key, key_entry
 from tools import ROOT
 
 CONTAINERFILE = ROOT / "Containerfile"

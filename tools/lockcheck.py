@@ -4,7 +4,7 @@ For each version: a throwaway virtualenv of that Python (found as ``make test-py
 tools/find_python.sh), the lock installed into it as the Containerfile installs it (every file
 checked against its hash, wheels only; by uv, which fetches in parallel: pip took 60-100 s per
 Python here), ``uv pip check``, and then, from the repository's ``service/`` and ``workers/`` as
-the images copy them, the app built and the worker's settings loaded. A lock that resolves for
+the images copy them, the app built and the worker's options loaded. A lock that resolves for
 one Python only (a marker missing, a wheel absent for a newer Python, a dependency that drops an
 older one) fails here, naming the version.
 """
@@ -31,10 +31,12 @@ SMOKE = """
 import platform
 from importlib.metadata import version
 from service.app import create_app
-from workers.settings import WorkerSettings
+from service.config import load_settings
+from workers.settings import worker_options
 app = create_app()
+options = worker_options(load_settings())
 print(f"Python {platform.python_version()}, Quart {version('quart')}, arq {version('arq')}:",
-      "the app built and", WorkerSettings.__name__, "loaded")
+      "the app built and the worker's", len(options), "options loaded")
 """
 
 

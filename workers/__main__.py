@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_until_stopped(settings: Settings) -> int:
     """Run the worker until SIGTERM or SIGINT.
 
-    Once started, the worker rides out Redis errors itself (``workers/resilience.py``). A
+    Once started, the worker rides out Redis errors itself (``workers/worker.py``). A
     worker that cannot start (Redis unreachable as it connects) is started again with backoff,
     so the process needs no outside supervisor to come back; a stop signal ends that at once.
     """
@@ -148,20 +148,11 @@ def run_until_stopped(settings: Settings) -> int:
 def _run(settings: Settings, loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> int:
     from redis.exceptions import RedisError
 
-    from .resilience import ResilientWorker
-    from .settings import worker_options
+    from .settings import build_worker
 
-    identity = queue.worker_identity()
     delay = 0.5
     while not stopping.is_set():
-        worker = ResilientWorker(
-            **worker_options(settings),
-            lease=settings.task_lease,
-            wake_channel=queue.wake_channel(settings),
-            stopping=stopping,
-            identity=identity,
-            workers_key=queue.workers_key(settings),
-        )
+        worker = build_worker(settings, stopping)
         try:
             worker.run()
             return 0  # arq returns once a signal has stopped it

@@ -1,5 +1,6 @@
 """Pure, synchronous, picklable CPU functions. They run in the worker's process pool, never on
-an event loop."""
+an event loop; each is named by a job of ``queue_contract.JOBS`` (its ``compute``). This module
+imports nothing, so a fresh compute process starts quickly."""
 
 from __future__ import annotations
 

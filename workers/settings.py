@@ -1,30 +1,34 @@
-"""The arq worker's settings, derived from the service's one ``Settings``.
+"""The worker's options, derived from the service's one ``Settings``, and the worker built from
+them (workers/worker.py). ``python -m workers`` runs it.
 
-``python -m workers`` runs it; so does ``arq workers.settings.WorkerSettings``.
+arq's own command line (``arq workers.settings.WorkerSettings``) is refused: it builds arq's
+plain ``Worker`` from a settings class, with no way to name another class, and so would run a
+worker without the lease, the wake-ups and the Redis resilience of workers/worker.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from arq.connections import ArqRedis, RedisSettings
-from arq.worker import func
 from pebble import ProcessPool
 
 from service.backends import queue_contract as queue
 from service.backends.redis import redis_pool
-from service.config import Settings, load_settings
+from service.config import Settings
 from service.obs import tracing
 from service.obs.host import usable_cpus
 from service.obs.loopwatch import LoopWatch
 from service.obs.metrics import WORKER_POOL_SIZE
-from workers.jobs import heavy_task
+from workers.jobs import arq_function
+from workers.worker import ServiceWorker
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +124,7 @@ def arq_redis(settings: Settings) -> ArqRedis:
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Everything ``arq.worker.Worker`` takes, derived from the settings."""
     return {
-        "functions": [func(heavy_task, name=queue.JOB_NAME, max_tries=settings.task_max_tries)],
+        "functions": [arq_function(job, settings.task_max_tries) for job in queue.JOBS],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "redis_pool": arq_redis(settings),
         "queue_name": queue.queue_name(settings),
@@ -144,9 +148,28 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def __getattr__(name: str) -> Any:
-    # ``arq workers.settings.WorkerSettings`` reads the environment only when asked, not at
-    # import, so tests and ``python -m workers`` can build the options from their own settings.
+def build_worker(settings: Settings, stopping: asyncio.Event, **arq: Any) -> ServiceWorker:
+    """The worker for these settings; ``stopping`` is set the moment a stop signal lands.
+    ``arq`` overrides arq's options (a test's ``handle_signals=False``)."""
+    return ServiceWorker(
+        **(worker_options(settings) | arq),
+        lease=settings.task_lease,
+        wake_channel=queue.wake_channel(settings),
+        stopping=stopping,
+        identity=queue.worker_identity(),
+        workers_key=queue.workers_key(settings),
+    )
+
+
+REFUSED = (
+    "workers.settings.WorkerSettings is not for arq's command line: `arq` builds arq's plain "
+    "Worker, without this service's job leases, wake-ups and Redis resilience "
+    "(workers/worker.py). Run the worker with `python -m workers`."
+)
+
+
+def __getattr__(name: str) -> NoReturn:
+    # arq's command line imports its settings class by name: refuse it, saying what to run.
     if name == "WorkerSettings":
-        return type("WorkerSettings", (), worker_options(load_settings()))
+        raise SystemExit(REFUSED)
     raise AttributeError(name)

@@ -7,7 +7,7 @@
 --               the seed differs per thread and per run, so no two requests collide).
 -- With BENCH_COUNT_STATUS=1 in the environment every response's status is counted (it costs
 -- a little client CPU, so the users load leaves it off and relies on wrk's own error count).
--- At the end one line `BENCH_JSON {...}` carries the figures for bench/report.py to parse.
+-- At the end one line `BENCH_JSON {...}` carries the figures for bench/figures.py to parse.
 
 local threads = {}
 local mode, users, slots, path = "path", 1, {}, "/"

@@ -1,5 +1,5 @@
-"""What the API and the worker share about the queue: its name, its keys, the job's name, and
-the serializer."""
+"""What the API and the worker share about the queue: its name, its keys, the jobs, and the
+serializer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from arq.constants import (
@@ -18,12 +20,16 @@ from arq.constants import (
     result_key_prefix,
     retry_key_prefix,
 )
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.config import Settings
 
 __all__ = [
-    "JOB_NAME",
+    "HEAVY_TASK",
+    "JOBS",
     "WAKE_ABORT",
+    "Job",
+    "SumOfSquares",
     "abort_jobs_ss",
     "done_channel",
     "dumps",
@@ -44,8 +50,52 @@ __all__ = [
 WORKERS_KEPT_FOR = 86_400
 
 
-# The one job the API enqueues and the worker runs (workers/jobs.py).
-JOB_NAME = "heavy_task"
+Arguments = TypeVar("Arguments", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Job(Generic[Arguments]):
+    """One kind of job, declared once; its registration in the worker (workers/jobs.py), its
+    enqueueing (service/backends/taskqueue.py) and its reading back all derive from this.
+
+    ``name`` is arq's name for it (in the job and result records, and in logs and traces).
+    ``arguments`` is the model of its arguments, whose fields, in order, are the job's
+    positional arguments in arq's job format. ``compute`` names the pure, picklable function
+    (``module:function``) that the worker runs in its process pool with those arguments: by
+    name, since only the worker imports it (the API loads no worker code: pyproject.toml's
+    import contracts).
+    """
+
+    name: str
+    arguments: type[Arguments]
+    compute: str
+
+    def args(self, arguments: Arguments) -> tuple[Any, ...]:
+        """The positional arguments arq's job format holds for ``arguments``."""
+        return tuple(getattr(arguments, field) for field in type(arguments).model_fields)
+
+    def parse(self, args: Sequence[Any]) -> Arguments:
+        """The arguments of a job, read back from arq's format and validated."""
+        fields = list(self.arguments.model_fields)
+        if len(args) != len(fields):
+            raise ValueError(f"{self.name} takes {len(fields)} arguments, not {len(args)}")
+        return self.arguments.model_validate(dict(zip(fields, args, strict=True)))
+
+
+class SumOfSquares(BaseModel):
+    """The heavy task's arguments: the sum of i**2 for 0 <= i < n (the API bounds n by
+    TASK_MAX_N)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int = Field(ge=0)
+
+
+# The one job the API enqueues and the worker runs.
+HEAVY_TASK = Job("heavy_task", SumOfSquares, compute="workers.compute:sum_of_squares")
+
+# Every job the worker registers.
+JOBS: tuple[Job[Any], ...] = (HEAVY_TASK,)
 
 
 def queue_name(settings: Settings) -> str:
@@ -87,7 +137,7 @@ async def live_workers(client: aioredis.Redis, settings: Settings) -> dict[str, 
 def wake_channel(settings: Settings) -> str:
     """The API publishes here each job it queues (its id) and each abort of a running job
     (``WAKE_ABORT``), in the same script that writes it; idle workers listen and poll at once
-    (workers/wake.py)."""
+    (workers/worker.py, ``WakeUps``)."""
     return f"{queue_name(settings)}:wake"
 
 

@@ -1,8 +1,11 @@
-"""The Redis client every process here uses (the API's and the worker's). No Quart in here:
-the worker imports it."""
+"""The Redis client every process here uses (the API's and the worker's), and the one loop that
+relays a pub/sub channel to them. No Quart in here: the worker imports it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -81,3 +84,65 @@ def redis_pool(
 def create_redis(settings: Settings) -> aioredis.Redis:
     """The API's Redis client."""
     return aioredis.Redis(connection_pool=redis_pool(settings))
+
+
+def reraise_cancellation(error: BaseException) -> None:
+    """Raise CancelledError if this task is being cancelled: redis-py can turn a cancellation
+    that lands mid-command into a TimeoutError or ConnectionError, which a loop that rides out
+    Redis errors would otherwise take for an outage and carry on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
+
+
+# Before subscribing again after an error: quick at first, so a blip costs little.
+RESUBSCRIBE_FIRST = 0.1
+
+
+async def relay(
+    client: aioredis.Redis,
+    channel: str,
+    deliver: Callable[[Any], None],
+    *,
+    on_error: Callable[[Exception], None],
+    subscribed: Callable[[], None] | None = None,
+    max_backoff: float = 5.0,
+    stop: asyncio.Event | None = None,
+    wait: float = 0.5,
+) -> None:
+    """Subscribe to ``channel`` and hand each message's data to ``deliver``, until cancelled
+    or ``stop`` is set; after a Redis error, ``on_error`` is told and the subscription is made
+    again, with a backoff doubling up to ``max_backoff`` seconds.
+
+    Pub/sub loses what is published while no one is subscribed, so whoever listens must also
+    poll for what it waits on; ``subscribed`` runs each time the subscription is (re)made, to
+    look again at once. ``stop`` is checked every ``wait`` seconds, for an owner that stops
+    the loop without cancelling it (redis-py may turn a cancellation into an error).
+    """
+
+    def running() -> bool:
+        return stop is None or not stop.is_set()
+
+    backoff = RESUBSCRIBE_FIRST
+    while running():
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            if subscribed is not None:
+                subscribed()
+            backoff = RESUBSCRIBE_FIRST
+            while running():
+                message = await pubsub.get_message(timeout=wait)
+                if message is not None and message["type"] == "message":
+                    deliver(message["data"])
+        except Exception as error:  # Redis failed: subscribe again (the owner polls meanwhile)
+            reraise_cancellation(error)
+            if not running():
+                return
+            on_error(error)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)
+        finally:
+            # Shielded: a cancellation must not leave the subscribed connection out of the pool.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

@@ -1,9 +1,10 @@
-"""The running app's resources in one typed object, and the pair of serving hooks that open
-and close it.
+"""The running app's resources in one typed object, opened and closed by the app's serving
+hooks (service/framework/resources.py installs them).
 
 :class:`Resources` holds the settings from the start, and while the app serves the asyncpg
-pool, the Redis client, the task queue and the report cache. Handlers reach it through
-:func:`resources`, and a database connection through :func:`connection`.
+pool, the Redis client, the task queue and the report cache. It is the one place the app's
+settings are kept: whatever needs one reads ``resources.settings``. No HTTP here: a failure
+is one of the backends' own errors (service/backends/errors.py).
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ from dataclasses import dataclass
 
 import asyncpg
 import redis.asyncio as aioredis
-from quart import Quart, current_app
 
 from service.backends import checks, db
 from service.backends.cache import Cache
+from service.backends.errors import (
+    DatabaseUnavailable,
+    NotServing,
+    StartupFailed,
+    UnstorableValue,
+)
 from service.backends.redis import create_redis
 from service.backends.taskqueue import TaskQueue
 from service.config import Settings
-from service.errors import VALIDATION_TITLE, VALIDATION_TYPE, APIError
-from service.startup import StartupFailed
 
 log = logging.getLogger(__name__)
-
-# Where the app keeps its Resources; read only through resources() below.
-_EXTENSION = "service.resources"
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,6 @@ class _Opened:
     redis: aioredis.Redis
     task_queue: TaskQueue
     report_cache: Cache
-
-
-class NotServing(RuntimeError):
-    """A resource was asked for while the app is not serving (its serving hooks have not run)."""
 
 
 class Resources:
@@ -61,8 +58,12 @@ class Resources:
 
     @property
     def pool(self) -> asyncpg.Pool:
-        """The asyncpg pool; handlers take connections through :func:`connection`."""
+        """The asyncpg pool; handlers take connections through :meth:`connection`."""
         return self._open().pool
+
+    def connection(self) -> PooledConnection:
+        """A pooled connection, acquired with a bounded wait: ``async with held.connection()``."""
+        return PooledConnection(self.pool, self.settings.db_acquire_timeout)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -127,21 +128,6 @@ def _redis_unreachable(settings: Settings, error: BaseException) -> str:
     return f"REDIS_URL: Redis at {where} is unreachable ({checks.reason(error)})"
 
 
-def install(app: Quart, settings: Settings) -> Resources:
-    """Give ``app`` its resources and the serving hooks that open and close them."""
-    held = Resources(settings)
-    app.extensions[_EXTENSION] = held
-    app.before_serving(held.open)
-    app.after_serving(held.close)
-    return held
-
-
-def resources(app: Quart | None = None) -> Resources:
-    """The resources of ``app``, by default of the app serving the current request."""
-    held: Resources = (app or current_app).extensions[_EXTENSION]
-    return held
-
-
 # Errors that mean "PostgreSQL is not there right now", not "this request is wrong": the
 # server is down or restarting, the connection was cut, or a statement ran past its timeout.
 DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -153,28 +139,25 @@ DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def _database_unavailable(error: BaseException) -> APIError:
+def _database_unavailable(error: BaseException) -> DatabaseUnavailable:
     log.warning("database unavailable: %s", type(error).__name__)
-    return APIError(
-        503, "The database is unavailable; retry shortly.", headers={"Retry-After": "1"}
-    )
+    return DatabaseUnavailable(type(error).__name__)
 
 
-class connection:  # used as a function: `async with connection() as conn`
-    """A pooled connection for this request, acquired with a bounded wait.
+class PooledConnection:
+    """A connection of ``pool`` for one request, acquired waiting at most ``within`` seconds.
 
     An exhausted pool, a PostgreSQL that does not answer, or a connection lost mid-query
-    becomes a 503 with Retry-After rather than a request that hangs or a 500. (A class, not
-    an ``asynccontextmanager``: it runs on every request, and a generator-based manager costs
-    several times as much to enter and leave.)
+    raises :class:`DatabaseUnavailable` (a 503 with Retry-After) rather than a request that
+    hangs or a 500. (A class, not an ``asynccontextmanager``: it runs on every request, and a
+    generator-based manager costs several times as much to enter and leave.)
     """
 
     __slots__ = ("_conn", "_pool", "_within")
 
-    def __init__(self) -> None:
-        held = resources()
-        self._pool = held.pool
-        self._within = held.settings.db_acquire_timeout
+    def __init__(self, pool: asyncpg.Pool, within: float) -> None:
+        self._pool = pool
+        self._within = within
         self._conn: asyncpg.Connection | None = None
 
     async def __aenter__(self) -> asyncpg.Connection:
@@ -220,12 +203,7 @@ def _raise_for(conn: asyncpg.Connection, error: BaseException) -> None:
         # Input PostgreSQL cannot store (a NUL in a text, a value out of range) that the
         # request's validation let through: the client's to fix, never a 500.
         log.warning("data PostgreSQL refused: %s", type(error).__name__)
-        raise APIError(
-            422,
-            "A value in the request cannot be stored.",
-            title=VALIDATION_TITLE,
-            type=VALIDATION_TYPE,
-        ) from error
+        raise UnstorableValue(type(error).__name__) from error
     if isinstance(error, asyncpg.InterfaceError):
         if _connection_gone(conn):
             raise _database_unavailable(error) from error

@@ -23,9 +23,18 @@ from arq.jobs import serialize_job, serialize_result
 from redis.exceptions import RedisError
 
 from service.backends import queue_contract as queue
+from service.backends.errors import (
+    ClientLimit,
+    IdempotencyConflict,
+    QueueFull,
+    QueueUnavailable,
+    TaskRefused,
+)
+from service.backends.redis import relay
 from service.backends.retention import Retention
 from service.config import Settings
 from service.obs import tracing
+from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +91,6 @@ return 1
 JOB_EXPIRY_MS = 86_400_000
 
 
-class QueueFull(Exception):
-    """The queue holds as many outstanding tasks as it may."""
-
-
-class ClientLimit(Exception):
-    """This client already has as many outstanding tasks as one client may."""
-
-
-class QueueUnavailable(Exception):
-    """Redis did not answer; nothing was enqueued."""
-
-
-class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before for a different request."""
-
-
 @dataclass(frozen=True)
 class Task:
     id: str
@@ -145,6 +138,16 @@ def _error_text(result: Any) -> str:
     return str(result)
 
 
+def _args(n: int) -> tuple[Any, ...]:
+    """The heavy task's arguments for ``n``, in arq's job format."""
+    return queue.HEAVY_TASK.args(queue.SumOfSquares(n=n))
+
+
+def _n(args: list[Any]) -> int:
+    """``n`` of a heavy task, from the arguments in its job or result record."""
+    return queue.HEAVY_TASK.parse(args).n
+
+
 def job_id_for(settings: Settings, idempotency_key: str | None, owner: str = "") -> str:
     """A fresh id, or the same id every time for the same Idempotency-Key from the same
     ``owner`` (the API key's name): two clients choosing the same key get separate tasks.
@@ -190,22 +193,41 @@ class TaskQueue:
         idempotency_key: str | None = None,
         owner: str = "",
         client: str | None = None,
-        attempts_left: int = 3,
     ) -> tuple[Task, bool]:
-        """Enqueue ``heavy_task(n)``; returns the task and whether it was created now.
+        """Enqueue the heavy task (``queue.HEAVY_TASK``) for ``n``; returns the task and whether
+        it was created now.
 
         ``owner`` (the API key's name) may read and abort it; ``client`` (the key, or the
         address when keys are off) is held to ``TASK_CLIENT_LIMIT`` outstanding tasks.
         Raises QueueFull past the queue's limit, ClientLimit past the client's,
-        QueueUnavailable when Redis fails, and IdempotencyConflict when the key was used for
-        another ``n``.
+        QueueUnavailable when Redis fails (each counted by its reason), and
+        IdempotencyConflict when the key was used for another ``n``.
         """
+        try:
+            task, created = await self._submit(n, idempotency_key, owner, client)
+        except TaskRefused as refused:
+            TASKS_REFUSED.labels(refused.reason).inc()
+            raise
+        if created:
+            TASKS_ACCEPTED.inc()
+        return task, created
+
+    async def _submit(
+        self,
+        n: int,
+        idempotency_key: str | None,
+        owner: str,
+        client: str | None,
+        attempts_left: int = 3,
+    ) -> tuple[Task, bool]:
         job_id = job_id_for(self.settings, idempotency_key, owner)
         client = owner if client is None else client
         now_ms = int(time.time() * 1000)
         # The trace context rides in the job's kwargs, so the worker's span joins this trace.
         kwargs = tracing.job_kwargs()
-        payload = serialize_job(queue.JOB_NAME, (n,), kwargs, None, now_ms, serializer=queue.dumps)
+        payload = serialize_job(
+            queue.HEAVY_TASK.name, _args(n), kwargs, None, now_ms, serializer=queue.dumps
+        )
         keys = [
             queue.job_key_prefix + job_id,
             queue.result_key_prefix + job_id,
@@ -228,18 +250,18 @@ class TaskQueue:
         try:
             outcome = await self._enqueue(keys=keys, args=args)
         except (RedisError, OSError) as error:
-            raise QueueUnavailable(str(error)) from error
+            raise QueueUnavailable(self.settings.task_retry_after, str(error)) from error
         if outcome == -1:
-            raise QueueFull()
+            raise QueueFull(self.settings.task_retry_after, self.settings.task_queue_limit)
         if outcome == -2:
-            raise ClientLimit()
+            raise ClientLimit(self.settings.task_retry_after, self.settings.task_client_limit)
         if outcome == 1:
             await self._keep(client, job_id, now_ms)
         try:
             task = await self.get(job_id)
         except (RedisError, OSError) as error:
             if outcome != 1:
-                raise QueueUnavailable(str(error)) from error
+                raise QueueUnavailable(self.settings.task_retry_after, str(error)) from error
             # Enqueued, but Redis failed the read-back: the task is accepted, say so.
             return self._just_queued(job_id, n, now_ms, owner), True
         if task is None:
@@ -249,8 +271,10 @@ class TaskQueue:
             # forever. Its key expires by itself.
             if attempts_left <= 1:
                 log.warning("job key %s has no queue entry; not enqueued", job_id)
-                raise QueueUnavailable(f"job {job_id} is in an inconsistent state")
-            return await self.submit(n, idempotency_key, owner, client, attempts_left - 1)
+                raise QueueUnavailable(
+                    self.settings.task_retry_after, f"job {job_id} is in an inconsistent state"
+                )
+            return await self._submit(n, idempotency_key, owner, client, attempts_left - 1)
         if outcome == 0 and task.n != n:
             raise IdempotencyConflict()
         return task, outcome == 1
@@ -304,7 +328,7 @@ class TaskQueue:
             return Task(
                 id=job_id,
                 status="complete" if ok else "failed",
-                n=data["a"][0] if data.get("a") else None,
+                n=_n(data["a"]) if data.get("a") else None,
                 result=data["r"] if ok else None,
                 error=None if ok else _error_text(data["r"]),
                 tries=data.get("t"),
@@ -319,7 +343,7 @@ class TaskQueue:
         return Task(
             id=job_id,
             status="running" if running else "queued",
-            n=job["a"][0],
+            n=_n(job["a"]),
             result=None,
             error=None,
             tries=int(starts or 0),
@@ -366,10 +390,11 @@ class TaskQueue:
     async def abort(self, task: Task) -> None:
         """Abort a queued task at once, or ask the worker to cancel a running one."""
         if task.status == "queued":
+            assert task.n is not None  # read from the job's record, which holds it
             now_ms = int(time.time() * 1000)
             failed = serialize_result(
-                queue.JOB_NAME,
-                (task.n,),
+                queue.HEAVY_TASK.name,
+                _args(task.n),
                 {},
                 task.tries or 1,
                 int(task.enqueued_at.timestamp() * 1000) if task.enqueued_at else now_ms,
@@ -377,7 +402,7 @@ class TaskQueue:
                 asyncio.CancelledError(),
                 now_ms,
                 now_ms,
-                f"{task.id}:{queue.JOB_NAME}",
+                f"{task.id}:{queue.HEAVY_TASK.name}",
                 self.queue_name,
                 task.id,
                 serializer=queue.dumps,
@@ -445,25 +470,15 @@ class TaskQueue:
 
     async def listen(self) -> None:
         """Relay the worker's done messages to waiters; reconnects when Redis comes back."""
-        channel = queue.done_channel(self.settings)
-        backoff = 0.1
-        while not self._closing.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                backoff = 0.1
-                while not self._closing.is_set():
-                    message = await pubsub.get_message(timeout=0.5)
-                    if message is not None and message["type"] == "message":
-                        self._wake(message["data"].decode())
-            except Exception as error:  # keep relaying after Redis errors; waiters also poll
-                if self._closing.is_set():
-                    break
-                log.warning("task notifications interrupted (%s); retrying", type(error).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        await relay(
+            self.redis,
+            queue.done_channel(self.settings),
+            lambda data: self._wake(data.decode()),
+            on_error=lambda error: log.warning(
+                "task notifications interrupted (%s); retrying", type(error).__name__
+            ),
+            stop=self._closing,
+        )
 
     def start(self) -> None:
         self._closing.clear()

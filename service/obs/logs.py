@@ -1,11 +1,19 @@
-"""JSON log lines, each carrying the id of the request it belongs to.
+"""Log lines, each carrying the id of the request it belongs to: JSON for machines, or one
+readable line per event for a person at a terminal.
 
 The request id lives in a context variable set by one of the request pipeline's first steps
 (``service/pipeline/request_id.py``), before any step that may log; a logging filter copies it
 onto every record, so any line logged while serving that request, from any module, names it.
-Hypercorn's access and error logs use the same formatter through ``logconfig_dict`` in
+Hypercorn's access and error logs use the same handlers through ``logconfig_dict`` in
 ``hypercorn.toml`` (its access records carry the response's ``X-Request-ID`` header, which the
 app echoes).
+
+``LOG_FORMAT`` chooses the format: ``json``, ``text``, or ``auto`` (the default), which is text
+when the line goes to a terminal outside production, and JSON otherwise (piped, in a file, in a
+container's log, and always with ``ENVIRONMENT=production`` unless ``LOG_FORMAT=text`` says
+otherwise). Logging is set up before the settings are read (so that a bad setting is itself
+logged), so the two variables are read here from the environment; ``Settings.log_format``
+validates the same variable, and a bad value stops the start naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any, Literal
 
 from service.obs import tracing
 
@@ -111,9 +119,106 @@ class JsonFormatter(logging.Formatter):
         return _encode_line(entry)
 
 
+# The values of LOG_FORMAT (service/config.py's ``log_format`` takes the same).
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def log_format(stream: IO[str] | None) -> Literal["json", "text"]:
+    """The format of lines written to ``stream``, as ``LOG_FORMAT`` and ``ENVIRONMENT`` choose
+    (see the module's docstring)."""
+    # Exactly as the settings accept them: another value stops the start (Settings.log_format).
+    wanted = os.environ.get("LOG_FORMAT", "auto")
+    if wanted == "json":
+        return "json"
+    if wanted == "text":
+        return "text"
+    if os.environ.get("ENVIRONMENT") == "production":
+        return "json"
+    try:
+        terminal = stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        terminal = False
+    return "text" if terminal else "json"
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line per event: local time, level, logger, message, the record's extra
+    fields as ``key=value``, and the request id; a traceback follows on its own lines. A
+    request line (the app's, or Hypercorn's access line) reads as servers print theirs:
+    ``GET /users/<int:user_id> 200 1.52 ms``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "hypercorn.access" and isinstance(record.args, Mapping):
+            fields = _access_fields(record.args)
+            fields["route"] = fields.pop("path")
+            message = ""
+        else:
+            message = record.getMessage()
+            fields = {
+                key: value
+                for key, value in record.__dict__.items()
+                if key not in _STANDARD and not key.startswith("_")
+            }
+            fields["request_id"] = getattr(record, "request_id", None)
+        summary = _request_summary(fields)
+        if summary:
+            message = summary if message in ("", "request") else f"{message} {summary}"
+        stamp = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: {message}"
+        request_id = fields.pop("request_id", None)
+        fields["request_id"] = request_id  # last, where the eye finds it
+        line += "".join(
+            f" {key}={_text(value)}" for key, value in fields.items() if value is not None
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+def _request_summary(fields: dict[str, Any]) -> str:
+    """``METHOD route status duration`` out of a request line's fields (taken from them), or
+    "" for any other line."""
+    if not {"method", "route", "status"} <= fields.keys():
+        return ""
+    parts = [fields.pop("method"), fields.pop("route"), fields.pop("status")]
+    duration = fields.pop("duration_ms", None)
+    if duration is not None:
+        parts.append(f"{duration} ms")
+    return " ".join(str(part) for part in parts)
+
+
+def _text(value: Any) -> str:
+    """A field's value as a person reads it: quoted when it has spaces, quotes or ``=``."""
+    text = value if isinstance(value, str) else _encode_line(value)
+    if not text or any(character in text for character in ' "='):
+        return _encode_line(text)
+    return text
+
+
+class LogHandler(logging.StreamHandler[Any]):
+    """A stream handler that writes JSON or text lines, as ``LOG_FORMAT`` and its stream
+    choose (:func:`log_format`); chosen again when its stream is replaced."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        super().__init__(stream)
+        self._choose()
+
+    def setStream(self, stream: Any) -> Any:
+        previous = super().setStream(stream)
+        self._choose()
+        return previous
+
+    def _choose(self) -> None:
+        text = log_format(self.stream) == "text"
+        self.setFormatter(TextFormatter() if text else JsonFormatter())
+
+
 class DirectLines:
     """INFO lines of one logger, written straight to its handlers' streams when those are the
-    JSON stream handlers this module configures (:func:`logging_config`, ``hypercorn.toml``).
+    stream handlers this module configures (:func:`logging_config`, ``hypercorn.toml``) and
+    write JSON.
 
     The line is exactly the one logging would write (the same fields in the same order, by the
     same encoder), without a ``LogRecord`` built and passed down the handler chain for it: for
@@ -135,7 +240,8 @@ class DirectLines:
                 return None
             for handler in current.handlers:
                 if (
-                    type(handler) is not logging.StreamHandler
+                    not isinstance(handler, logging.StreamHandler)
+                    or type(handler) not in (LogHandler, logging.StreamHandler)
                     or type(handler.formatter) is not JsonFormatter
                     or handler.level > logging.INFO
                     or any(type(each) is not RequestIdFilter for each in handler.filters)
@@ -182,24 +288,22 @@ class DirectLines:
 
 
 def logging_config(level: str = "INFO") -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` dictionary: everything as JSON, stdout for access lines,
-    stderr for the rest. ``hypercorn.toml`` holds the same, for Hypercorn's own loggers."""
+    """A ``logging.config.dictConfig`` dictionary: access lines on stdout, the rest on stderr,
+    each as ``LOG_FORMAT`` chooses (:class:`LogHandler`). ``hypercorn.toml`` holds the same, for
+    Hypercorn's own loggers (tests/app/test_logs.py keeps the two equal)."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"request_id": {"()": "service.obs.logs.RequestIdFilter"}},
-        "formatters": {"json": {"()": "service.obs.logs.JsonFormatter"}},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "class": "service.obs.logs.LogHandler",
                 "stream": "ext://sys.stderr",
-                "formatter": "json",
                 "filters": ["request_id"],
             },
             "stdout": {
-                "class": "logging.StreamHandler",
+                "class": "service.obs.logs.LogHandler",
                 "stream": "ext://sys.stdout",
-                "formatter": "json",
                 "filters": ["request_id"],
             },
         },
@@ -213,11 +317,12 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
 
 def capture_warnings() -> None:
     """Python's warnings as log records (logger ``py.warnings``, level WARNING), so that they
-    come out as JSON lines like every other line, not as bare text on stderr."""
+    come out as log lines in the format of every other (JSON, or ``LOG_FORMAT``'s text), not
+    as bare text on stderr."""
     logging.captureWarnings(True)
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """JSON logging for a process that is not started by Hypercorn (the worker, commands)."""
+    """Logging for a process that is not started by Hypercorn (the worker, commands)."""
     logging.config.dictConfig(logging_config(level))
     capture_warnings()

@@ -21,6 +21,11 @@ switches off is not installed at all, so it costs nothing. A step that waits on 
 plain function, and the others (the rate limit, the body checks) coroutine functions:
 the pipeline awaits what a step returns only when it is awaitable, so the steps that never
 wait cost a call, not a coroutine, on every request.
+
+:data:`WRAPPERS`, beside the steps, are what wraps the whole ASGI app: they see each request's
+scope before Quart builds a request from it (a WebSocket handshake turned into the HTTP request
+it is, the header limit, the client's address behind trusted proxies), so they run before
+every step, outermost first.
 """
 
 from __future__ import annotations
@@ -29,36 +34,47 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
+from typing import Any, Generic, TypeVar, cast
 
 from quart import Quart, Response
 
+from service.backends.limiter import RateLimiter
 from service.backends.resources import Resources
 from service.config import Settings
 from service.obs import tracing
 from service.pipeline import (
+    access_log,
+    activity,
     auth,
     body,
-    drain,
     framing,
+    header_limit,
     headers,
-    instrument,
     paths,
+    profiling,
+    proxy,
     ratelimit,
     request_id,
+    spans,
+    timing,
     websocket,
 )
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
 __all__ = [
     "STEPS",
+    "WRAPPERS",
     "After",
     "Before",
+    "Caller",
+    "Part",
     "Pipeline",
     "RequestState",
     "Setup",
     "Step",
     "Teardown",
+    "Wrapper",
+    "caller",
     "install",
     "installed",
 ]
@@ -66,6 +82,10 @@ __all__ = [
 # Plain functions, or coroutine functions for the steps that wait (see the docstring).
 BeforeStep = Callable[[Setup, RequestState], Awaitable[None] | None]
 AfterStep = Callable[[Setup, RequestState, Response], Awaitable[Response] | Response]
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+# The app's ASGI callable wrapped as the settings ask.
+Wrap = Callable[[ASGIApp, Settings], ASGIApp]
+Run = TypeVar("Run", BeforeStep, AfterStep, Wrap)
 
 
 def _always(settings: Settings) -> bool:
@@ -89,39 +109,69 @@ def _tracing(settings: Settings) -> bool:
     return tracing.TRACER is not None or tracing.wanted()
 
 
+def _behind_proxies(settings: Settings) -> bool:
+    return bool(settings.trusted_proxies)
+
+
 @dataclass(frozen=True)
-class Before:
+class Part(Generic[Run]):
+    """A named part of the pipeline: what it runs, and from the settings whether it is installed
+    at all. Its class says when it runs (the four below)."""
+
+    name: str
+    run: Run
+    when: Callable[[Settings], bool] = _always
+
+
+@dataclass(frozen=True)
+class Before(Part[BeforeStep]):
     """A step run before the handler; it may refuse the request by raising."""
 
-    name: str
-    run: BeforeStep
-    when: Callable[[Settings], bool] = _always
-
 
 @dataclass(frozen=True)
-class After:
+class After(Part[AfterStep]):
     """A step run on the response (the handler's, or an error handler's)."""
 
-    name: str
-    run: AfterStep
-    when: Callable[[Settings], bool] = _always
+
+@dataclass(frozen=True)
+class Teardown(Part[BeforeStep]):
+    """A step run when the request ends, however it ends."""
 
 
 @dataclass(frozen=True)
-class Teardown:
-    """A step run when the request ends, however it ends."""
-
-    name: str
-    run: BeforeStep
-    when: Callable[[Settings], bool] = _always
+class Wrapper(Part[Wrap]):
+    """An ASGI wrapper around the whole app, given the app's settings."""
 
 
 Step = Before | After | Teardown
 
+
+def _limit_headers(app: ASGIApp, settings: Settings) -> ASGIApp:
+    return header_limit.limit_headers(app, settings.max_header_bytes)
+
+
+def _trust_proxies(app: ASGIApp, settings: Settings) -> ASGIApp:
+    return proxy.trust_proxies(app, settings.trusted_proxies)
+
+
+def _handshakes_as_http(app: ASGIApp, settings: Settings) -> ASGIApp:
+    return websocket.handshakes_as_http(app)
+
+
+WRAPPERS: tuple[Wrapper, ...] = (
+    # Outermost of all: a WebSocket handshake meets every wrapper and step below as the HTTP
+    # GET it is (pipeline/websocket.py), and is answered over HTTP, never switched.
+    Wrapper("WebSocket handshakes as HTTP", _handshakes_as_http),
+    # An oversized head is refused before Quart builds a request from it.
+    Wrapper("header limit", _limit_headers),
+    # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it.
+    Wrapper("client address behind trusted proxies", _trust_proxies, when=_behind_proxies),
+)
+
 STEPS: tuple[Step, ...] = (
-    Before("timer", instrument.start_timer),
+    Before("timer", timing.start_timer),
     # Current before anything logs, so every line of the request names its trace.
-    Before("trace span", instrument.start_span, when=_tracing),
+    Before("trace span", spans.start_span, when=_tracing),
     # Before anything that may log: every line logged from here on carries the request's id.
     Before("request id", request_id.assign),
     # Framed two ways (or HTTP/2's preface): 400 and the connection closed, whatever the key.
@@ -135,29 +185,33 @@ STEPS: tuple[Step, ...] = (
     # A WebSocket handshake has passed the key and the limits as a GET (pipeline/websocket.py).
     Before("no WebSocket", websocket.refuse_handshake),
     Before("body checks", body.check),
-    Before("loop-watch activity", instrument.mark_activity),
-    Before("profiling", instrument.start_profile, when=_profiling),
+    Before("loop-watch activity", activity.mark_activity),
+    Before("profiling", profiling.start_profile, when=_profiling),
     # -- the route's handler runs here, or the error handler of a step that refused --
-    After("loop-watch activity end", instrument.end_activity),
-    After("metrics", instrument.record_metrics),
-    After("request log line", instrument.log_request),
-    After("trace span name and status", instrument.name_span, when=_tracing),
+    After("loop-watch activity end", activity.end_activity),
+    After("metrics", timing.record_metrics),
+    After("request log line", access_log.log_request),
+    After("trace span name and status", spans.name_span, when=_tracing),
     # Replaces the response by the profile; the headers below still apply to it.
-    After("profile", instrument.finish_profile, when=_profiling),
+    After("profile", profiling.finish_profile, when=_profiling),
     After("request id header", request_id.echo),
     After("connection close after a refused body", body.close_after_refused),
     After("exposure headers", headers.exposure),
-    Teardown("profiler stop", instrument.stop_profile, when=_profiling),
-    Teardown("trace span end", instrument.end_span, when=_tracing),
+    Teardown("profiler stop", profiling.stop_profile, when=_profiling),
+    Teardown("trace span end", spans.end_span, when=_tracing),
 )
 
 
 class Pipeline:
     """The steps one app runs, with its setup; its three methods are the app's hooks."""
 
-    def __init__(self, setup: Setup, steps: Iterable[Step]) -> None:
+    def __init__(
+        self, setup: Setup, steps: Iterable[Step], wrappers: Iterable[Wrapper] = ()
+    ) -> None:
         self.setup = setup
-        self.steps = tuple(step for step in steps if step.when(setup.settings))
+        settings = setup.resources.settings
+        self.steps = tuple(step for step in steps if step.when(settings))
+        self.wrappers = tuple(wrapper for wrapper in wrappers if wrapper.when(settings))
         self._before = tuple(step.run for step in self.steps if isinstance(step, Before))
         # (run, whether it is a coroutine function): a plain step's result is the response
         # itself, whatever its class (a Werkzeug response for a routing redirect, say).
@@ -193,6 +247,23 @@ class Pipeline:
                 await waiting
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sends the current request, as the pipeline's key step identified it."""
+
+    # The name of the API key it carries; "" when keys are off or the path is open.
+    name: str
+    # Whether it may do admin work: an admin key, or no keys configured at all.
+    admin: bool
+
+
+def caller() -> Caller:
+    """Who sends the current request (for handlers: the request's state stays the pipeline's)."""
+    state = request_state()
+    key = state.key
+    return Caller(key.name if key is not None else "", state.admin)
+
+
 # Where the app keeps its Pipeline; read through installed() below.
 _EXTENSION = "service.pipeline"
 
@@ -203,12 +274,17 @@ def installed(app: Quart) -> Pipeline:
     return pipeline
 
 
-def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipeline:
-    """Run ``steps`` on every request of ``app``, and start the pipeline's serving hooks: the
-    warning of a service without keys, the drain on SIGTERM, the per-process watchers."""
+def install(
+    app: Quart,
+    held: Resources,
+    steps: Iterable[Step] = STEPS,
+    wrappers: Iterable[Wrapper] = WRAPPERS,
+) -> Pipeline:
+    """Run ``steps`` on every request of ``app`` inside ``wrappers``, and start the pipeline's
+    serving hooks: the rate limiter's sync, the warning of a service without keys."""
     settings = held.settings
-    limiter = ratelimit.RateLimiter(settings) if settings.rate_limited else None
-    pipeline = Pipeline(Setup(held, limiter), steps)
+    limiter = RateLimiter(settings) if settings.rate_limited else None
+    pipeline = Pipeline(Setup(held, limiter), steps, wrappers)
     if limiter is not None:
         # Its sync task runs while the app serves (and its own Redis connection with it).
         app.before_serving(limiter.start)
@@ -216,11 +292,12 @@ def install(app: Quart, held: Resources, steps: Iterable[Step] = STEPS) -> Pipel
     app.extensions[_EXTENSION] = pipeline
     app.before_request(pipeline.before_request)
     # Registered first, so it runs after the ``after`` steps (service/pipeline/headers.py).
-    headers.install_cors(app, settings)
+    headers.install_cors(app, held)
     app.after_request(pipeline.after_request)
     if any(isinstance(step, Teardown) for step in pipeline.steps):
         app.teardown_request(pipeline.teardown_request)
-    app.before_serving(partial(auth.warn_when_open, settings))
-    drain.install(app)
-    instrument.install_watchers(app, held)
+    app.before_serving(partial(auth.warn_when_open, held))
+    # The first of WRAPPERS is the outermost: wrapped last.
+    for wrapper in reversed(pipeline.wrappers):
+        app.asgi_app = wrapper.run(app.asgi_app, settings)  # type: ignore[method-assign,assignment]
     return pipeline

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 from quart import request
 
-from service.apikeys import ApiKey
-from service.config import Settings
+from service.backends.resources import Resources
+from service.config import ApiKey, Settings
 from service.contract import METHODS, PROBE_PATHS, READ_METHODS
 from service.errors import APIError
 from service.pipeline.state import RequestState, Setup, header
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 # Paths at or under these need the admin scope, whatever the method.
 ADMIN_PATH_PREFIXES = ("/metrics", "/debug", "/profile", "/profiling", "/admin")
-# Opt-in profiling (`X-Profile-Token`, pipeline/instrument.py) changes no scope here: a request
+# Opt-in profiling (`X-Profile-Token`, pipeline/profiling.py) changes no scope here: a request
 # with a wrong token, or from a key without admin, is served as usual, so nothing reveals that
 # profiling exists; only an admin key's request that carries the token is profiled.
 METHOD_SCOPES: Mapping[str, str] = {
@@ -96,12 +96,13 @@ def find_key(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | No
     return found
 
 
-async def warn_when_open(settings: Settings) -> None:
+async def warn_when_open(held: Resources) -> None:
     """A serving hook: say loudly that a service without keys is open to anyone.
 
     At serving time, not in create_app: Hypercorn configures logging (JSON lines) after it has
     loaded the app, and this line should look like every other.
     """
+    settings = held.settings
     if settings.api_keys:
         return
     log.warning(
@@ -114,7 +115,7 @@ async def warn_when_open(settings: Settings) -> None:
 
 def identify(setup: Setup, state: RequestState) -> None:
     """The scope the request needs and the key it carries (judged later, by :func:`judge`)."""
-    settings = setup.settings
+    settings = setup.resources.settings
     current = state.request
     path = current.path
     if path in DOCS_PATHS and not settings.docs_served:
@@ -141,7 +142,7 @@ def identify(setup: Setup, state: RequestState) -> None:
 def judge(setup: Setup, state: RequestState) -> None:
     """401 without a valid key, 403 for a key without the scope; nothing when keys are off."""
     scope = state.scope
-    if scope is None or not setup.settings.api_keys:
+    if scope is None or not setup.resources.settings.api_keys:
         return
     key = state.key
     if key is None:

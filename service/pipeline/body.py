@@ -30,7 +30,7 @@ def check(setup: Setup, state: RequestState) -> Awaitable[None] | None:
 
 
 async def _check(setup: Setup) -> None:
-    limit = setup.settings.max_body_bytes
+    limit = setup.resources.settings.max_body_bytes
     # Refuse an oversized body from its declared length before reading any of it; a chunked
     # body is cut off at the same limit by Quart while it is read.
     length = request.content_length

@@ -5,7 +5,8 @@ from __future__ import annotations
 import quart_cors
 from quart import Quart, Response
 
-from service.config import Settings, split_list
+from service.backends.resources import Resources
+from service.config import split_list
 from service.contract import METHODS
 from service.pipeline.state import RequestState, Setup
 
@@ -13,7 +14,7 @@ CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-I
 CORS_EXPOSED = ["Location", "Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-ID"]
 
 
-def install_cors(app: Quart, settings: Settings) -> None:
+def install_cors(app: Quart, held: Resources) -> None:
     """quart-cors's policy for ``CORS_ALLOW_ORIGINS`` on ``app``; nothing when none is set.
 
     quart-cors applies it as an ``after_request`` function of the app. The pipeline installs
@@ -21,7 +22,7 @@ def install_cors(app: Quart, settings: Settings) -> None:
     of registration: the CORS headers are added last, to the response every ``after`` step has
     finished (a profile included).
     """
-    origins = split_list(settings.cors_allow_origins)
+    origins = split_list(held.settings.cors_allow_origins)
     if not origins:
         return
     quart_cors.cors(

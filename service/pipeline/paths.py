@@ -2,9 +2,9 @@
 
 Werkzeug strips the leading slashes of a path, both in the request (``request.path``) and in
 its matcher (``MapAdapter.match``), so ``//users/1`` was served as ``/users/1``, and a DELETE on
-it deleted the user; ``merge_slashes = False`` (service/app.py) covers ``//`` inside a path
-only. The path read here is the server's, in the ASGI scope: percent-decoded by Hypercorn, so
-``/%2Fusers/1`` is refused too, over HTTP/1.1 and HTTP/2 alike.
+it deleted the user; ``merge_slashes = False`` (service/framework/__init__.py) covers ``//``
+inside a path only. The path read here is the server's, in the ASGI scope: percent-decoded by
+Hypercorn, so ``/%2Fusers/1`` is refused too, over HTTP/1.1 and HTTP/2 alike.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, cast
 
 from quart import Request, g, request
 
-from service.apikeys import ApiKey
 from service.backends.resources import Resources
-from service.config import Settings
+from service.config import ApiKey
+from service.contract import METHODS
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -26,24 +26,23 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
     from pyinstrument import Profiler
 
-    from service.pipeline.limiter import RateLimiter
+    from service.backends.limiter import RateLimiter
 
 # The one attribute of `g` the pipeline uses.
 _ATTRIBUTE = "request_state"
+# Routes are labelled by their template; a path no rule matched gets one label, so a scan of
+# random URLs cannot make the metrics grow without bound.
+UNMATCHED = "<unmatched>"
 
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """What the steps of one app share, fixed when the app is created."""
+    """What the steps of one app share, fixed when the app is created: its resources (and with
+    them its settings, ``setup.resources.settings``) and its rate limiter."""
 
     resources: Resources
     # None when rate limits are off.
     limiter: RateLimiter | None
-
-    @property
-    def settings(self) -> Settings:
-        """The app's settings (those of its resources)."""
-        return self.resources.settings
 
 
 @dataclass(slots=True)
@@ -100,3 +99,16 @@ def header(state: RequestState, name: bytes) -> str | None:
     """The request header ``name`` (lower-case), decoded as Quart decodes it; None if absent."""
     value = state.raw_headers.get(name)
     return None if value is None else value.decode("latin-1")
+
+
+def labels(state: RequestState) -> tuple[str, str]:
+    """The request's method and route template as the metrics, the log line, the trace span and
+    the loop watch label them, looked up once per request (each read of ``request`` goes
+    through Quart's context-local proxy)."""
+    if not state.route:
+        current = state.request
+        method = current.method
+        state.method = method if method in METHODS else "OTHER"
+        rule = current.url_rule
+        state.route = rule.rule if rule is not None else UNMATCHED
+    return state.method, state.route

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from quart import Blueprint, Quart, Response, request
 from quart_schema import hide
 
-from service.config import Settings
+from service.backends.resources import Resources
 from service.errors import APIError
 
 PAGE_PATH = "/docs"
@@ -115,14 +115,15 @@ def assets() -> Assets:
     return Assets(files, digest.hexdigest()[:16])
 
 
-def install(app: Quart, settings: Settings) -> None:
+def install(app: Quart, held: Resources) -> None:
     """Serve the docs page and its files (only called when the docs are served at all)."""
-    held = assets()
+    settings = held.settings
+    files = assets()
     # A shared cache may keep what anyone may fetch; behind a key, only the browser may.
     audience = "private" if settings.api_keys and not settings.docs_public else "public"
     page = _PAGE.format(
         title=html.escape(TITLE),
-        assets=html.escape(held.path),
+        assets=html.escape(files.path),
         openapi=html.escape(OPENAPI_PATH),
         start=START_SCRIPT,
     )
@@ -141,12 +142,12 @@ def install(app: Quart, settings: Settings) -> None:
     async def docs_asset(digest: str, name: str) -> Response:
         """One file of the page. The current digest may be kept for a year; any other (a page
         from another release, during a rolling update) gets the current file, revalidated."""
-        body = held.files.get(name)
+        body = files.files.get(name)
         if body is None:
             raise APIError(404, "No such documentation asset.")
         response = Response(body, content_type=_TYPES[name[name.rfind(".") :]])
-        response.set_etag(held.digest)
-        lasting = f"max-age={_YEAR}, immutable" if digest == held.digest else "no-cache"
+        response.set_etag(files.digest)
+        lasting = f"max-age={_YEAR}, immutable" if digest == files.digest else "no-cache"
         response.headers["Cache-Control"] = f"{audience}, {lasting}"
         return await response.make_conditional(request)
 

@@ -9,13 +9,14 @@ from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel
-from quart import Blueprint, current_app
+from quart import Blueprint
 from quart_schema import document_response
 
 from service.backends import checks as readiness
-from service.backends.resources import Resources, resources
+from service.backends.resources import Resources
 from service.contract import LIVENESS_PATH, READINESS_PATH
-from service.pipeline.drain import draining
+from service.framework.drain import draining
+from service.framework.resources import resources
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
     `draining`, so a load balancer sends nothing new while the requests in flight finish.
     """
     checks = await shared_check(resources()).result()
-    if draining(current_app):
+    if draining():
         return {"status": "draining", "checks": checks}, 503
     if checks["postgres"] != "ok":
         return {"status": "unavailable", "checks": checks}, 503

@@ -11,8 +11,8 @@ from quart import Blueprint
 from quart_schema import document_response
 
 from service.backends.db import load_queries
-from service.backends.resources import connection, resources
 from service.errors import APIError
+from service.framework.resources import connection, resources
 
 blueprint = Blueprint("reports", __name__)
 queries = load_queries("reports")

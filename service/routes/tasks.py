@@ -12,19 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, request
 from quart_schema import document_headers, document_response, validate_request
 
-from service.backends.resources import resources
-from service.backends.taskqueue import (
-    ClientLimit,
-    IdempotencyConflict,
-    QueueFull,
-    QueueUnavailable,
-    Task,
-    TaskQueue,
-)
+from service.backends.taskqueue import Task, TaskQueue
 from service.errors import APIError, invalid
-from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
-from service.openapi import LocationHeader
-from service.pipeline.state import request_state
+from service.framework.resources import resources
+from service.pipeline import Caller, caller
+from service.routes.openapi import LocationHeader
 from service.routes.querystring import validate_query
 
 log = logging.getLogger(__name__)
@@ -82,12 +74,7 @@ class SubmitHeaders(BaseModel):
     )
 
 
-def task_queue() -> TaskQueue:
-    return resources().task_queue
-
-
-def _check_n(n: int) -> None:
-    limit = resources().settings.task_max_n
+def _check_n(n: int, limit: int) -> None:
     if n > limit:
         raise invalid(
             f"n may be at most {limit}.", ["n"], f"must be at most {limit}", "less_than_equal"
@@ -105,54 +92,20 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _owner() -> str:
-    """Who the caller is, for ownership: its API key's name ("" when keys are off)."""
-    key = request_state().key
-    return key.name if key is not None else ""
-
-
-def _client() -> str:
+def _client(who: Caller) -> str:
     """Who the caller is, for the per-client task limit: its key, else its address."""
-    name = _owner()
-    return f"key:{name}" if name else f"addr:{request.remote_addr or '-'}"
+    return f"key:{who.name}" if who.name else f"addr:{request.remote_addr or '-'}"
 
 
-async def _submit(n: int, idempotency_key: str | None = None) -> tuple[Task, bool]:
-    config = resources().settings
-    retry_after = {"Retry-After": str(config.task_retry_after)}
-    try:
-        # Idempotency-Keys are the client's own: scoped to its API key (none when open).
-        task, created = await task_queue().submit(n, idempotency_key, _owner(), _client())
-    except ClientLimit:
-        TASKS_REFUSED.labels("client_limit").inc()
-        limit = resources().settings.task_client_limit
-        raise APIError(
-            429,
-            f"This client already has {limit} outstanding tasks (TASK_CLIENT_LIMIT); "
-            "retry when one has ended.",
-            headers=retry_after,
-        ) from None
-    except QueueFull:
-        TASKS_REFUSED.labels("full").inc()
-        raise APIError(
-            503,
-            f"The task queue is full ({config.task_queue_limit} outstanding); retry later.",
-            headers=retry_after,
-        ) from None
-    except QueueUnavailable:
-        TASKS_REFUSED.labels("unavailable").inc()
-        raise APIError(
-            503, "The task queue is unavailable; retry later.", headers=retry_after
-        ) from None
-    except IdempotencyConflict:
-        raise APIError(
-            422,
-            "This Idempotency-Key was used for a task with another n.",
-            title="Idempotency-Key reused",
-        ) from None
-    if created:
-        TASKS_ACCEPTED.inc()
-    return task, created
+async def _submit(
+    queue: TaskQueue, n: int, idempotency_key: str | None = None
+) -> tuple[Task, bool]:
+    """Enqueue, for the caller: a full queue, a client over its limit or Redis down are
+    answered by service/errors.py."""
+    who = caller()
+    # Idempotency-Keys are the client's own: scoped to its API key (none when open). The
+    # owner is its key's name ("" when keys are off).
+    return await queue.submit(n, idempotency_key, who.name, _client(who))
 
 
 def _location(task: Task) -> dict[str, str]:
@@ -162,11 +115,12 @@ def _location(task: Task) -> dict[str, str]:
 def _visible(task: Task) -> bool:
     # A task is its creator's; an admin key sees every task. Others are told it does not
     # exist, so ids reveal nothing. With keys off everyone is the same (empty) owner.
-    return request_state().admin or (task.owner or "") == _owner()
+    who = caller()
+    return who.admin or (task.owner or "") == who.name
 
 
-async def _find(task_id: str) -> Task:
-    task = await task_queue().get(task_id) if _TASK_ID.match(task_id) else None
+async def _find(queue: TaskQueue, task_id: str) -> Task:
+    task = await queue.get(task_id) if _TASK_ID.match(task_id) else None
     if task is None or not _visible(task):
         raise APIError(404, f"No task with id {task_id!r} (results are kept for a limited time).")
     return task
@@ -180,8 +134,9 @@ async def create_task(data: NewTask) -> tuple[dict[str, Any], int, dict[str, str
     """Submit a sum of squares to the workers. Answers 202 with the task and its Location; 503
     with Retry-After when the queue is full. An `Idempotency-Key` makes a retry return the same
     task instead of a second one."""
-    _check_n(data.n)
-    task, _created = await _submit(data.n, _idempotency_key())
+    held = resources()
+    _check_n(data.n, held.settings.task_max_n)
+    task, _created = await _submit(held.task_queue, data.n, _idempotency_key())
     return task.to_json(), 202, _location(task)
 
 
@@ -189,9 +144,10 @@ async def create_task(data: NewTask) -> tuple[dict[str, Any], int, dict[str, str
 @document_response(TaskModel)
 async def get_task(task_id: str) -> dict[str, Any]:
     """A task's status (queued, running, complete, failed), result or error, and timestamps."""
-    task = await _find(task_id)
+    queue = resources().task_queue
+    task = await _find(queue, task_id)
     if task.status in ("queued", "running"):
-        await task_queue().watch(task_id)
+        await queue.watch(task_id)
     return task.to_json()
 
 
@@ -200,11 +156,12 @@ async def get_task(task_id: str) -> dict[str, Any]:
 async def abort_task(task_id: str) -> tuple[dict[str, Any], int]:
     """Abort a queued or running task: its computation is stopped and it ends `failed` with
     the error `aborted`. A finished task cannot be aborted (409)."""
-    task = await _find(task_id)
+    queue = resources().task_queue
+    task = await _find(queue, task_id)
     if task.status in ("complete", "failed"):
         raise APIError(409, f"Task {task_id} has already ended ({task.status}).", title="Conflict")
-    await task_queue().abort(task)
-    latest = await task_queue().get(task_id)
+    await queue.abort(task)
+    latest = await queue.get(task_id)
     return (latest or task).to_json(), 202
 
 
@@ -221,23 +178,25 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
         raise APIError(
             405, "HEAD is not served here: it would run the task.", headers={"Allow": "GET"}
         )
+    held = resources()
+    settings, queue = held.settings, held.task_queue
     n = query_args.n
     if "n" not in query_args.model_fields_set:
-        n = min(n, resources().settings.task_max_n)
-    _check_n(n)
-    task, _created = await _submit(n)
+        n = min(n, settings.task_max_n)
+    _check_n(n, settings.task_max_n)
+    task, _created = await _submit(queue, n)
     try:
-        finished = await task_queue().wait(task.id, resources().settings.task_wait)
+        finished = await queue.wait(task.id, settings.task_wait)
     except asyncio.CancelledError:
         # The client went away while waiting: nobody will read this result, unless someone
         # asked for the task by id meanwhile. Aborted off the cancelled request.
-        _abandon(task.id)
+        _abandon(queue, task.id)
         raise
     if finished is None:
         raise APIError(
             503,
             "The task's result expired before it was read.",
-            headers={"Retry-After": str(resources().settings.task_retry_after)},
+            headers={"Retry-After": str(settings.task_retry_after)},
         )
     if finished.status == "complete":
         return {"result": finished.result}
@@ -252,9 +211,7 @@ async def heavy_task(query_args: HeavyTaskQuery) -> Any:
     return finished.to_json(), 202, _location(finished)
 
 
-def _abandon(task_id: str) -> None:
-    queue = task_queue()
-
+def _abandon(queue: TaskQueue, task_id: str) -> None:
     async def abort() -> None:
         try:
             if await queue.abandon(task_id):

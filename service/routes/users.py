@@ -21,10 +21,10 @@ from quart import Blueprint, Response
 from quart_schema import document_response, validate_request
 
 from service.backends.db import load_queries
-from service.backends.resources import connection
 from service.emails import email_key, key_of
 from service.errors import APIError, invalid
-from service.openapi import LocationHeader
+from service.framework.resources import connection
+from service.routes.openapi import LocationHeader
 from service.routes.querystring import validate_query
 
 blueprint = Blueprint("users", __name__)
@@ -40,7 +40,7 @@ Email = Annotated[
         description="An address that can receive mail: special-use domains (.test, .local, "
         ".invalid, .localhost, .onion, .arpa) and IP-address domains are refused. One user "
         "per address in any case: the part before the @ under Unicode case folding, the "
-        "domain as IDNA maps it (README.md, Routes).",
+        "domain as IDNA maps it (docs/api.md, 'Any case').",
     ),
 ]
 # PostgreSQL text cannot hold a NUL character: refused here, as a 422, not by the database.
@@ -56,7 +56,7 @@ EmailKey = Annotated[
         json_schema_extra={"format": "email"},
         description="An e-mail address, found in any case: the same address as the one "
         "stored under Unicode case folding of the part before the @, the domain as IDNA maps "
-        "it (README.md, Routes).",
+        "it (docs/api.md, 'Any case').",
     ),
     AfterValidator(key_of),
 ]

@@ -13,7 +13,7 @@ transaction. It reads every row, keys it, and refuses, changing nothing, when
 - a user's e-mail is not an address the service accepts today, so it has no key.
 
 The refusal names the ids (never the addresses: they are personal data, and this line goes to
-logs). docs/emails.md says how to resolve them.
+logs). README.md, "E-mail addresses", says how to resolve them.
 
 The table is locked (``ALTER TABLE``) from the first statement until the commit, and every row
 is rewritten once: reads and writes of users wait meanwhile.
@@ -88,5 +88,5 @@ def _refusal(shared: list[list[int]], not_addresses: list[int]) -> str:
         )
     return (
         f"0003_users_email_key refused, nothing changed: {'; and '.join(parts)}; then migrate "
-        "again (docs/emails.md)"
+        "again (README.md, E-mail addresses)"
     )

@@ -12,10 +12,10 @@ from quart import Quart, Response, request
 from quart.typing import TestAppProtocol as ServingApp
 from quart.typing import TestClientProtocol as Client
 
-from service.apikeys import generate_key, key_entry, parse_api_keys
 from service.app import create_app
-from service.config import ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, load_settings, parse_api_keys
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 from service.pipeline import auth
 
 HEALTH = {"/healthz", "/readyz"}

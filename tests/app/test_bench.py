@@ -19,26 +19,18 @@ from bench.database import (
     is_bench_database,
     new_database_name,
 )
+from bench.figures import Load, Outcome, load_from_samples, median_ratio, parse_wrk, percentile
 from bench.load import wrk_command
 from bench.options import ROOT
 from bench.procs import Group
-from bench.report import (
-    Load,
-    Outcome,
-    load_from_samples,
-    median_ratio,
-    parse_wrk,
-    percentile,
-    render,
-    to_json,
-)
+from bench.report import render, to_json
 from bench.scenarios import median_load
 from bench.systems import System, production_env, through_pgbouncer
 from bench.targets import evaluate_targets
-from service.apikeys import hash_key, parse_api_keys
 from service.backends.db import connection_options, migration_url
-from service.config import load_settings
+from service.config import load_settings, parse_api_keys
 from service.emails import key_of
+from service.ops.keygen import hash_key
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:5000
   2 threads and 32 connections

@@ -8,9 +8,9 @@ import pytest
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
-from service.backends.resources import resources
 from service.config import ConfigError, Settings, load_settings
 from service.errors import PROBLEM_JSON
+from service.framework.resources import resources
 from tools.private_servers import free_port
 
 

@@ -61,12 +61,12 @@ from quart.testing import QuartClient
 from werkzeug.datastructures import Headers
 from werkzeug.routing import IntegerConverter, Rule
 
-from service.apikeys import generate_key, key_entry
 from service.app import create_app
 from service.backends.db import migrate
 from service.config import load_settings
 from service.contract import PROBE_PATHS
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 from service.pipeline.auth import required_scope
 from service.pipeline.body import MAX_JSON_DEPTH
 from service.pipeline.header_limit import header_bytes

@@ -21,7 +21,10 @@ WEB_PACKAGES = ("quart", "quart_schema", "quart_cors", "hypercorn", "werkzeug")
 
 def test_the_import_contracts_hold() -> None:
     """service/ imports no workers/ (nor tools, tests, bench), the worker's modules import no
-    Quart, and no sibling packages or modules import each other in a cycle."""
+    Quart, no sibling packages or modules import each other in a cycle, each room of service/
+    imports only the rooms below it, only the pipeline imports its own modules, the backends
+    load no web framework, and config.py and errors.py import (next to) nothing of the
+    service."""
     # The use case, not the command line's function: that one reconfigures logging for the
     # whole process, which would silence the loggers later tests capture.
     configuration.configure()

@@ -1,4 +1,4 @@
-"""The OpenAPI description: every problem response documented (service/openapi.py)."""
+"""The OpenAPI description: every problem response documented (service/routes/openapi.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 from openapi_spec_validator import validate
 from quart.typing import TestClientProtocol as Client
 
-from service.apikeys import generate_key, key_entry
 from service.app import create_app
 from service.config import Settings, load_settings
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 
 
 async def description(client: Client) -> dict[str, Any]:

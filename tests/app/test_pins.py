@@ -38,7 +38,7 @@ from service.config import Settings, load_settings
 from service.emails import key_of
 from service.framework import h2c
 from tools.private_servers import free_port
-from workers.lease import LeasedWorker
+from workers.worker import ServiceWorker
 
 # arq's keys carry no prefix of ours: each test removes the ones it made.
 ARQ_PREFIXES = (
@@ -231,7 +231,7 @@ def _arq_worker(
         default_queue_name=queue.queue_name(settings),
     )
     return worker_class(
-        functions=[func(_job, name=queue.JOB_NAME)],
+        functions=[func(_job, name=queue.HEAVY_TASK.name)],
         redis_pool=pool,
         queue_name=queue.queue_name(settings),
         job_serializer=queue.dumps,
@@ -296,21 +296,26 @@ async def test_a_queued_abort_landing_inside_arqs_claim_makes_the_claim_fail(
 async def test_arqs_poll_loop_polls_through_poll_iteration_and_calls_back_as_a_job_ends(
     settings: Settings, arq_redis: ArqRedis, job_ids: list[str]
 ) -> None:
-    """workers/wake.py waits for its wake-ups inside ``_poll_iteration`` (with arq's own
-    ``poll_delay`` at 0), and learns that a slot is free from the callback arq adds to each
-    job, ``_release_sem_dec_counter_on_complete``: arq's loop must go through both."""
-    seen = {"polls": 0, "ends": 0}
+    """workers/worker.py waits for its wake-ups inside ``_poll_iteration`` (with arq's own
+    ``poll_delay`` at 0), renews its leases in ``heart_beat``, which that poll must call, and
+    learns that a slot is free from the callback arq adds to each job,
+    ``_release_sem_dec_counter_on_complete``: arq's loop must go through all three."""
+    seen = {"polls": 0, "beats": 0, "ends": 0}
 
     class Probe(Worker):
         async def _poll_iteration(self) -> None:
             seen["polls"] += 1
             await super()._poll_iteration()
 
+        async def heart_beat(self) -> None:
+            seen["beats"] += 1
+            await super().heart_beat()
+
         def _release_sem_dec_counter_on_complete(self) -> None:
             seen["ends"] += 1
             super()._release_sem_dec_counter_on_complete()
 
-    job = await arq_redis.enqueue_job(queue.JOB_NAME, 41, _job_id=uuid.uuid4().hex)
+    job = await arq_redis.enqueue_job(queue.HEAVY_TASK.name, 41, _job_id=uuid.uuid4().hex)
     assert job is not None
     job_ids.append(job.job_id)
     release = asyncio.Event()
@@ -320,6 +325,7 @@ async def test_arqs_poll_loop_polls_through_poll_iteration_and_calls_back_as_a_j
     try:
         await _until(lambda: seen["ends"] == 1, "the job's end called back")
         assert seen["polls"] >= 1
+        assert seen["beats"] >= 1
         assert await job.result(timeout=10, poll_delay=0.05) == 42
     finally:
         main.cancel()
@@ -331,14 +337,25 @@ async def test_arqs_poll_loop_polls_through_poll_iteration_and_calls_back_as_a_j
 async def test_arqs_claim_marks_a_job_for_the_lease_and_lists_it_while_it_runs(
     settings: Settings, arq_redis: ArqRedis, job_ids: list[str]
 ) -> None:
-    """workers/lease.py sets arq's ``in_progress_timeout_s`` to the lease, which arq's claim
+    """workers/worker.py sets arq's ``in_progress_timeout_s`` to the lease, which arq's claim
     uses for the in-progress mark, and renews the marks of the jobs in arq's ``job_tasks``."""
-    job = await arq_redis.enqueue_job(queue.JOB_NAME, 1, _job_id=uuid.uuid4().hex)
+    job = await arq_redis.enqueue_job(queue.HEAVY_TASK.name, 1, _job_id=uuid.uuid4().hex)
     assert job is not None
     job_ids.append(job.job_id)
     release = asyncio.Event()
-    worker = _arq_worker(settings, release, LeasedWorker, lease=3.0, job_timeout=600)
-    assert isinstance(worker, LeasedWorker)
+    worker = _arq_worker(
+        settings,
+        release,
+        ServiceWorker,
+        lease=3.0,
+        job_timeout=600,
+        poll_delay=0.5,
+        wake_channel=queue.wake_channel(settings),
+        stopping=asyncio.Event(),
+        identity=queue.worker_identity(),
+        workers_key=queue.workers_key(settings),
+    )
+    assert isinstance(worker, ServiceWorker)
     try:
         await worker.start_jobs([job.job_id.encode()])
         await _until(lambda: worker.computing_job_ids() == [job.job_id], "the job listed")
@@ -356,8 +373,8 @@ async def test_arqs_claim_marks_a_job_for_the_lease_and_lists_it_while_it_runs(
 
 
 async def test_deleting_quart_schemas_make_response_leaves_returned_values_unconverted() -> None:
-    """service/app.py deletes the ``make_response`` QuartSchema sets on the app, so that a
-    returned dict skips quart-schema's conversion. With ``convert_casing`` that conversion
+    """service/framework/__init__.py deletes the ``make_response`` QuartSchema sets on the app,
+    so that a returned dict skips quart-schema's conversion. With ``convert_casing`` that conversion
     shows: keys come out camelCase through quart-schema, as written through Quart alone."""
 
     def app_with_schema() -> Quart:

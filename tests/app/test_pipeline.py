@@ -14,10 +14,11 @@ from quart import Quart, Response
 
 from service import pipeline
 from service.app import create_app
-from service.backends import resources
 from service.backends.cache import Cache
+from service.backends.errors import NotServing
 from service.config import Settings
 from service.errors import register_error_handlers
+from service.framework import resources
 from service.obs import tracing
 from service.obs.logs import RequestIdFilter
 from service.pipeline import STEPS, After, Before, RequestState, Setup, Step, Teardown
@@ -171,7 +172,7 @@ async def test_the_report_cache_opens_with_the_other_resources(settings: Setting
     app = create_app(settings)
     held = resources.resources(app)
     assert not held.serving
-    with pytest.raises(resources.NotServing):
+    with pytest.raises(NotServing):
         held.report_cache  # noqa: B018
     async with app.test_app():
         # Before any request: open with the pool, Redis and the task queue.

@@ -14,10 +14,10 @@ import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
-from service.backends.resources import resources
 from service.config import Settings
 from service.emails import key_of
 from service.errors import PROBLEM_JSON
+from service.framework.resources import resources
 from service.routes.reports import REPORT_CACHE_KEY, REPORT_VERSION
 from tests.support.worker_procs import settings_env
 from tools.hypercorn_process import hypercorn

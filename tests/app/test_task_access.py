@@ -11,12 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 from quart.typing import TestClientProtocol as Client
 
-from service.apikeys import generate_key, key_entry
 from service.app import create_app
 from service.backends import queue_contract as queue
 from service.backends.taskqueue import job_id_for
 from service.config import ConfigError, Settings, load_settings
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 
 KEYS = {name: generate_key() for name in ("alice", "bob", "root", "viewer")}
 SCOPES = {

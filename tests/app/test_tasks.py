@@ -17,9 +17,9 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.backends import queue_contract as queue
-from service.backends.resources import resources
 from service.config import Settings
 from service.errors import PROBLEM_JSON
+from service.framework.resources import resources
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health, worker
 from tools import ROOT
 from tools.hypercorn_process import output as process_output

@@ -1,5 +1,5 @@
 """An idle worker polls when there is work for it: a queued job, a freed slot, an abort
-(workers/wake.py), not only every ``WORKER_POLL_DELAY``.
+(workers/worker.py, ``WakeUps``), not only every ``WORKER_POLL_DELAY``.
 
 Each test runs the worker with the longest poll allowed (5 s) and a lease long enough (300 s)
 that lease renewals do not shorten the wait either, so whatever a wake-up misses waits seconds;

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from service.config import Settings
+from service.framework.lifespan import CONFIG_EXIT, STARTUP_FAILED_EXIT
 from service.ops.preflight import UNREACHABLE_EXIT
-from service.startup import CONFIG_EXIT, STARTUP_FAILED_EXIT
 from tools import ROOT
 from tools.containerfile import STAGES, exec_form, host_env
 from tools.hypercorn_process import hypercorn, output

@@ -26,7 +26,7 @@ GRACEFUL_TIMEOUT = tomllib.loads((ROOT / "hypercorn.toml").read_text())["gracefu
 IN_FLIGHT = 24
 # One long request among short ones: the worker without it drains first and exits, which is
 # when Hypercorn's supervisor terminates the other worker, long request and all, unless the
-# app keeps it alive (service/pipeline/drain.py).
+# app keeps it alive (service/framework/drain.py).
 DURATIONS = [3.0] + [1.0] * (IN_FLIGHT - 1)
 
 

@@ -33,11 +33,11 @@ from hypothesis import strategies as st
 from schemathesis import Case
 from schemathesis.core.result import Ok
 
-from service.apikeys import generate_key, key_entry
 from service.app import create_app
 from service.backends.db import migrate
 from service.config import load_settings
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 from tests.support.worker_procs import settings_env, worker
 from tools.devstack import with_search_path
 from tools.hypercorn_process import hypercorn

@@ -38,9 +38,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.apikeys import generate_key, key_entry
 from service.config import Settings
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 from tools.hypercorn_process import hypercorn
 from tools.private_servers import free_port
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.apikeys import generate_key, key_entry
 from service.config import Settings
 from service.errors import PROBLEM_JSON
+from service.ops.keygen import generate_key, key_entry
 from tests.support.worker_procs import settings_env
 from tools.hypercorn_process import hypercorn
 from tools.private_servers import free_port

@@ -10,9 +10,9 @@ import time
 import httpx
 import redis.asyncio as aioredis
 
-from service.apikeys import key_entry
 from service.backends import queue_contract as queue
 from service.config import Settings
+from service.ops.keygen import key_entry
 from tests.app.test_task_access import KEYS, SCOPES, SECRET, as_
 from tests.support.worker_procs import settings_env
 from tools.hypercorn_process import hypercorn

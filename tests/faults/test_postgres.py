@@ -15,9 +15,9 @@ from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
 from service.backends.db import migrate
-from service.backends.resources import resources
 from service.config import Settings
 from service.errors import PROBLEM_JSON
+from service.framework.resources import resources
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import private_postgres
 

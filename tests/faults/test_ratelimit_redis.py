@@ -17,9 +17,9 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from service.app import create_app
+from service.backends.limiter import RateLimiter
 from service.config import Settings
 from service.pipeline import installed
-from service.pipeline.ratelimit import RateLimiter
 from tests.app.test_auth import bearer, production
 from tests.support.faultproxy import FaultProxy
 from tools.private_servers import private_redis

@@ -225,7 +225,7 @@ async def test_a_slow_job_keeps_its_lease_and_runs_once_beside_an_idle_worker(
     # About 7 s of CPU on an idle core here: many leases long even on a fast machine.
     n = 100_000_000
     # The worker that runs the job has the longest idle poll: its renewals must not wait for
-    # it, from the poll that claims the job on (workers/wake.py). The other polls every 0.5 s
+    # it, from the poll that claims the job on (workers/worker.py). The other polls every 0.5 s
     # (the default), so a mark that ran out would be taken, and the job run twice, at once.
     slow = {"task_lease": lease, "worker_processes": 1, "worker_poll_delay": 5}
     with worker(settings, **slow) as one:

@@ -277,7 +277,7 @@ def _outcome(answer: httpx.Response | BaseException) -> str:
 def _new_connection_outcome(port: int) -> str:
     try:
         # A client connecting during the drain waits in the listen backlog until the first
-        # Hypercorn worker exits (service/pipeline/drain.py): bounded by the drain, not by 5 s.
+        # Hypercorn worker exits (service/framework/drain.py): bounded by the drain, not by 5 s.
         response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=GRACEFUL_TIMEOUT + 5)
     except httpx.ConnectError:
         return "refused"

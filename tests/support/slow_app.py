@@ -11,7 +11,7 @@ import asyncio
 from quart import Quart, request
 
 from service.app import create_app as create_service_app
-from service.backends.resources import connection, resources
+from service.framework.resources import connection, resources
 
 
 def create_app() -> Quart:

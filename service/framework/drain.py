@@ -34,7 +34,7 @@ import multiprocessing
 import signal
 from multiprocessing.synchronize import Event
 
-from quart import Quart
+from quart import Quart, current_app
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def install(app: Quart) -> Drain:
     return drain
 
 
-def draining(app: Quart) -> bool:
-    """Whether ``app``'s server has begun to drain."""
-    drain: Drain | None = app.extensions.get(_EXTENSION)
+def draining(app: Quart | None = None) -> bool:
+    """Whether the server of ``app`` (by default the app serving the current request) has begun
+    to drain."""
+    drain: Drain | None = (app or current_app).extensions.get(_EXTENSION)
     return drain is not None and drain.draining

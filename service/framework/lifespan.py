@@ -8,18 +8,18 @@ by hand gets this instead. Two ways a start fails:
 - a bad setting: :func:`create_app` logs the :class:`~service.config.ConfigError` (it names the
   variable) and raises ``SystemExit(2)`` while Hypercorn loads the app, before any hook runs;
 - a dependency refused by a serving hook (PostgreSQL, when the pool opens): the hook raises
-  :class:`StartupFailed`, whose message names the variable. Quart reports it to Hypercorn as
-  ``lifespan.startup.failed``, and Hypercorn answers by raising ``LifespanFailureError`` out of
-  the ASGI ``send``: left alone, that ends the process with some 80 lines of Quart's and
-  Hypercorn's frames, the last saying "Lifespan failure in startup. '[Errno 111] Connection
-  refused'", and nowhere which variable to look at. :class:`ReportingLifespan` logs the line
-  first and turns that error into ``SystemExit(3)``.
+  :class:`~service.backends.errors.StartupFailed`, whose message names the variable. Quart
+  reports it to Hypercorn as ``lifespan.startup.failed``, and Hypercorn answers by raising
+  ``LifespanFailureError`` out of the ASGI ``send``: left alone, that ends the process with some
+  80 lines of Quart's and Hypercorn's frames, the last saying "Lifespan failure in startup.
+  '[Errno 111] Connection refused'", and nowhere which variable to look at.
+  :class:`ReportingLifespan` logs the line first and turns that error into ``SystemExit(3)``.
 
 ``SystemExit`` is the one exception that leaves Hypercorn's worker without a traceback: its
 lifespan task and asyncio's loop let it through, and Python (or, in a worker process,
 multiprocessing) exits with its code. With ``--workers 0`` that code is Hypercorn's; with
 workers, Hypercorn 0.18's supervisor exits 0 whatever its workers' codes (pgjones/hypercorn#269,
-see the README's "Starting Hypercorn directly").
+see docs/deployment.md, "Starting Hypercorn directly").
 
 Only Hypercorn's ``send`` raises: Quart's test app (``app.test_app()``) records the failure and
 raises its own ``LifespanError`` in the test, as before.
@@ -34,16 +34,14 @@ from typing import Any
 from hypercorn.utils import LifespanFailureError
 from quart.asgi import ASGILifespan
 
+from service.backends.errors import StartupFailed
+
+# The name operators know these lines by.
 log = logging.getLogger("service.startup")
 
 # The same codes as `python -m service` and its preflight: 2 a bad setting, 3 a dependency.
 CONFIG_EXIT = 2
 STARTUP_FAILED_EXIT = 3
-
-
-class StartupFailed(RuntimeError):
-    """A serving hook could not open a resource. The message names the environment variable
-    and says why, without the variable's value (a URL may hold a password)."""
 
 
 def refuse_bad_settings(error: BaseException) -> SystemExit:

@@ -89,7 +89,8 @@ return {grant, used}
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """One request's standing against its limit (IETF draft ``RateLimit`` header fields)."""
+    """One request's standing against its limit: the fields of the IETF draft's ``RateLimit``
+    headers (written by service/pipeline/ratelimit.py), and whether it may go on."""
 
     policy: str
     limit: int
@@ -97,13 +98,6 @@ class Verdict:
     remaining: int
     reset: int
     allowed: bool
-
-    def headers(self) -> dict[str, str]:
-        """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers)."""
-        return {
-            "RateLimit-Policy": f'"{self.policy}";q={self.limit};w={self.window}',
-            "RateLimit": f'"{self.policy}";r={self.remaining};t={self.reset}',
-        }
 
 
 class _Count:

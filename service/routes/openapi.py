@@ -18,9 +18,9 @@ from pydantic import BaseModel
 from quart import Quart
 from quart_schema.openapi import QUART_SCHEMA_OPERATION_ID_ATTRIBUTE, OpenAPIProvider
 
-from service.backends.resources import resources
 from service.contract import BODY_METHODS, PROBE_PATHS
 from service.errors import MAX_ERRORS_LISTED, PROBLEM_JSON
+from service.framework.resources import resources
 
 
 class LocationHeader(BaseModel):
