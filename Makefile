@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-fast test-py test-pythons lock-check check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test prometheusrule
+.PHONY: run test test-fast test-random test-busy test-py test-pythons lock-check check fmt migrate down clean bench soak doctor lock scale-out cluster-test images image-test prometheusrule
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ test: $(VENV)/.installed servers
 ## that starts a process.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests/app -m 'not slow' $(PYTEST_ARGS)
+
+## test-random: the whole suite in a random order (pytest-randomly, which the usual runs leave
+## off); the seed is printed, and RANDOM_SEED=<seed> repeats an order
+test-random: $(VENV)/.installed servers
+	$(PY) -m pytest -p randomly $(if $(RANDOM_SEED),--randomly-seed=$(RANDOM_SEED)) $(PYTEST_ARGS)
+
+## test-busy: the whole suite BUSY_RUNS times in a row (default 3) while a plain CPU loop keeps
+## one core busy; each run's counts, time and failing tests are printed (tools/busy.py)
+BUSY_RUNS ?= 3
+test-busy: $(VENV)/.installed servers
+	$(PY) -m tools test-busy --runs $(BUSY_RUNS) -- $(PYTEST_ARGS)
 
 # The other Pythons requires-python admits (>=3.11) that CI tests: the whole suite runs on the
 # default python3 (3.11, `make test`), and on each of these what differs between Pythons.

@@ -19,6 +19,7 @@ from service.routes.health import blueprint as health_blueprint
 from service.routes.metrics import blueprint as metrics_blueprint
 from service.routes.openapi import ServiceOpenAPIProvider
 from service.routes.reports import blueprint as reports_blueprint
+from service.routes.task_events import blueprint as task_events_blueprint
 from service.routes.tasks import blueprint as tasks_blueprint
 from service.routes.users import blueprint as users_blueprint
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.register_blueprint(health_blueprint)
     app.register_blueprint(users_blueprint)
     app.register_blueprint(tasks_blueprint)
+    app.register_blueprint(task_events_blueprint)
     app.register_blueprint(reports_blueprint)
     app.register_blueprint(metrics_blueprint)
     return app

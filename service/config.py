@@ -246,6 +246,13 @@ class Settings(BaseSettings):
     # A running job is leased to its worker for this long and renewed while it runs; a job
     # whose worker died runs again elsewhere one lease after the last renewal.
     task_lease: float = Field(default=5.0, ge=0.5, le=300)
+    # Event streams (GET /tasks/{id}/events): a comment this often keeps proxies from closing
+    # a quiet stream; a stream ends after TASK_EVENTS_MAX_AGE seconds (below hypercorn.toml's
+    # read_timeout) and the client resumes it with Last-Event-ID; one client (API key; client
+    # address when keys are off) may hold TASK_EVENTS_CLIENT_LIMIT open per API process.
+    task_events_heartbeat: float = Field(default=15.0, gt=0, le=60)
+    task_events_max_age: float = Field(default=60.0, gt=0, le=3600)
+    task_events_client_limit: int = Field(default=10, ge=1)
     # Child processes computing tasks in each worker; 0 means one per core.
     worker_processes: int = Field(default=0, ge=0, le=256)
     # The longest an idle worker waits between polls of the queue. A queued job, an abort and

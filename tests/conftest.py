@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _posixsubprocess
 import os
 import subprocess
 import uuid
@@ -21,6 +22,7 @@ from service.app import create_app
 from service.backends.db import migrate
 from service.config import Settings, load_settings
 from service.obs import tracing
+from tests.support.windows import fresh_window
 from tools.devstack import ensure_services, with_search_path
 from tools.private_servers import free_port
 
@@ -46,16 +48,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+# Every way a Python test starts a process ends in one of these: subprocess and multiprocessing's
+# spawn and forkserver start methods call _posixsubprocess.fork_exec (or os.posix_spawn),
+# multiprocessing's fork start method and os.spawn* call os.fork, os.popen is subprocess.
+_PROCESS_STARTERS = (
+    (_posixsubprocess, "fork_exec"),
+    (os, "fork"),
+    (os, "forkpty"),
+    (os, "posix_spawn"),
+    (os, "posix_spawnp"),
+    (os, "system"),
+)
+
+
 @pytest.fixture(autouse=True)
 def _fast_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: Any) -> None:
-    """`make test-fast` runs the tests not marked slow; one that starts a process is slow."""
+    """`make test-fast` runs the tests not marked slow; one that starts a process is slow.
+
+    A process started from a test is refused with a RuntimeError naming the test, whether it
+    comes from subprocess, asyncio's subprocesses, multiprocessing (any start method), a
+    ProcessPoolExecutor, os.fork or os.system (tests/app/test_fast_guard.py)."""
     if request.node.get_closest_marker("slow") is not None:
         return
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
 
+    # Popen first: it fails before it makes its pipes, which a refused fork_exec would leave open.
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    for module, name in _PROCESS_STARTERS:
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +161,13 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def one_window() -> int:
+    """RATE_LIMIT_WINDOW for a test that counts against a limit: its requests all fall in one
+    window (tests/support/windows.py)."""
+    return fresh_window()
 
 
 @pytest.fixture

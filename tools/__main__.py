@@ -45,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         help="write deploy/k8s's PrometheusRule from deploy/prometheus/rules.yml "
         "(make prometheusrule)",
     )
+    commands.add_parser(
+        "test-busy", help="the suite run after run beside a busy CPU core (make test-busy)"
+    )
     given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["test-busy"]:
+        from tools.busy import main as busy_main
+
+        return busy_main(given[1:])
     if given[:1] == ["images"]:
         from tools.images import main as images_main
 

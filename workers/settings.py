@@ -86,10 +86,20 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 async def announce_done(ctx: dict[str, Any]) -> None:
     """Runs after arq has stored the result: wakes up API requests waiting for this job."""
+    await _announce(ctx)
+
+
+async def announce_running(ctx: dict[str, Any]) -> None:
+    """Runs as arq starts a job (its in-progress mark and try count are written): event
+    streams (``GET /tasks/{id}/events``) send ``running`` at once."""
+    await _announce(ctx)
+
+
+async def _announce(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     try:
         await ctx["redis"].publish(queue.done_channel(settings), ctx["job_id"])
-    except Exception as error:  # waiters fall back to polling; never fail the job for this
+    except Exception as error:  # listeners fall back to polling; never fail the job for this
         log.warning("could not announce job %s: %s", ctx["job_id"], error)
 
 
@@ -133,6 +143,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "health_check_interval": settings.worker_health_interval,
         "on_startup": startup,
         "on_shutdown": shutdown,
+        "on_job_start": announce_running,
         "after_job_end": announce_done,
         "ctx": {"settings": settings},
         "max_jobs": pool_size(settings),

@@ -145,7 +145,8 @@ WAKE_ABORT = b"abort"
 
 
 def done_channel(settings: Settings) -> str:
-    """The worker publishes a job's id here once its result is stored."""
+    """The worker publishes a job's id here as it starts the job and once its result is
+    stored; the API, when it aborts a queued job."""
     return f"{settings.redis_prefix}tasks:done"
 
 

@@ -9,14 +9,72 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.sentinel import (
     Sentinel,
     SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config import Settings
+
+
+class _ClosedTransportIsConnectionError(AbstractConnection):
+    """A write on a connection whose socket is gone raises redis-py's ConnectionError on uvloop
+    too, as it does on asyncio's loop.
+
+    When the server resets a connection between its check-out and the write (a Redis restart,
+    a failover), asyncio's transport drops the write and redis-py raises ConnectionError, which
+    the callers here handle (the cache and the rate limiter do without Redis, the tasks route
+    answers 503). uvloop's transport raises RuntimeError instead ("the handler is closed",
+    MagicStack/uvloop#506, open), which none of them catches: a 500. redis-py has already
+    dropped the connection when it re-raises.
+    tests/app/test_redis_client.py keeps both: this class's answer, and uvloop's RuntimeError
+    for redis-py's own connection (once that fails, uvloop is fixed and this can go).
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as error:
+            if "handler is closed" not in str(error):
+                raise
+            raise RedisConnectionError(f"Error while writing to Redis: {error}") from error
+
+
+class TCPConnection(_ClosedTransportIsConnectionError, Connection):
+    """redis:// (and the pools' default)."""
+
+
+class TLSConnection(_ClosedTransportIsConnectionError, SSLConnection):
+    """rediss://"""
+
+
+class UnixConnection(_ClosedTransportIsConnectionError, UnixDomainSocketConnection):
+    """unix://"""
+
+
+class SentinelConnection(_ClosedTransportIsConnectionError, SentinelManagedConnection):
+    """A connection to the primary that the Sentinels name."""
+
+
+class SentinelTLSConnection(_ClosedTransportIsConnectionError, SentinelManagedSSLConnection):
+    """The same over TLS."""
+
+
+# The class redis-py picks from the URL's scheme, and ours in its place.
+_OURS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: TCPConnection,
+    SSLConnection: TLSConnection,
+    UnixDomainSocketConnection: UnixConnection,
+}
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -57,7 +115,9 @@ def redis_pool(
     """
     options = _pool_options(settings, max_connections, socket_timeout)
     if not settings.redis_sentinels:
-        return aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
+        pool.connection_class = _OURS[pool.connection_class]
+        return pool
     # REDIS_URL still gives the primary's password, database number and TLS options; its
     # host and port are the Sentinels' to decide.
     url_options = aioredis.BlockingConnectionPool.from_url(settings.redis_url).connection_kwargs
@@ -75,7 +135,7 @@ def redis_pool(
     return BlockingSentinelConnectionPool(  # type: ignore[no-untyped-call]
         settings.redis_sentinel_master,
         sentinel,
-        connection_class=SentinelManagedSSLConnection if tls else SentinelManagedConnection,
+        connection_class=SentinelTLSConnection if tls else SentinelConnection,
         **options,
         **connection,
     )

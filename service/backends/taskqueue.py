@@ -161,6 +161,37 @@ def job_id_for(settings: Settings, idempotency_key: str | None, owner: str = "")
     return hmac.new(secret, message, "sha256").hexdigest()[:32]
 
 
+class Changes:
+    """Wake-ups for one task, registered with its queue's relay until closed: a message that
+    comes between two waits is kept for the next one."""
+
+    def __init__(self, waiters: dict[str, list[asyncio.Future[None]]], job_id: str) -> None:
+        self._waiters = waiters
+        self._job_id = job_id
+        self._future = self._arm()
+
+    def _arm(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(self._job_id, []).append(future)
+        return future
+
+    async def wait(self, seconds: float) -> bool:
+        """Whether a message came (since the last wait that returned True) within ``seconds``."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._future), seconds)
+        except TimeoutError:
+            return False
+        self._future = self._arm()
+        return True
+
+    def close(self) -> None:
+        waiting = self._waiters.get(self._job_id, [])
+        if self._future in waiting:
+            waiting.remove(self._future)
+        if not waiting:
+            self._waiters.pop(self._job_id, None)
+
+
 class TaskQueue:
     """Bounded enqueue, status, abort and result waiting over one Redis client."""
 
@@ -462,6 +493,12 @@ class TaskQueue:
                 waiting.remove(future)
             if not waiting:
                 self._waiters.pop(job_id, None)
+
+    def changes(self, job_id: str) -> Changes:
+        """Messages that the task changed (a worker started or finished it, or it was aborted),
+        from now until the returned object is closed. Messages can be lost while Redis is
+        away: a holder reads the task again now and then whatever they say."""
+        return Changes(self._waiters, job_id)
 
     def _wake(self, job_id: str) -> None:
         for future in self._waiters.pop(job_id, []):

@@ -37,6 +37,9 @@ SPECIFIC_PROBLEMS: Mapping[tuple[str, str], tuple[int, ...]] = {
     ("get", "/heavy-task"): (502, 504),  # the task failed, or ran past TASK_TIMEOUT
 }
 
+# Modules whose routes belong to another module's group.
+MODULE_TAGS = {"task_events": "tasks"}
+
 _DESCRIPTIONS = {
     400: "The request is malformed (for instance a body that is not JSON).",
     401: "No API key, or one that is not valid (when API_KEYS is set).",
@@ -136,6 +139,15 @@ def problem_response(status: int) -> dict[str, Any]:
 # Successes a route answers without a body, so without a model to document.
 EMPTY_SUCCESSES: Mapping[tuple[str, str], dict[str, Any]] = {
     ("delete", "/users/{user_id}"): {"204": {"description": "Deleted."}},
+    # A stream of Server-Sent Events, not a JSON body (service/routes/task_events.py).
+    ("get", "/tasks/{task_id}/events"): {
+        "200": {
+            "description": "Server-Sent Events: `id` (for Last-Event-ID), `event` (the status: "
+            "queued, running, complete, failed) and `data` (the task, as GET /tasks/{id} "
+            "answers it), one event per change; a `: heartbeat` comment between them.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    },
 }
 
 
@@ -215,6 +227,7 @@ class ServiceOpenAPIProvider(OpenAPIProvider):
 
     def operation_id(self, method: str, path: str, func: Callable[..., Any]) -> str | None:
         module = func.__module__.rsplit(".", 1)[-1]
+        module = MODULE_TAGS.get(module, module)
         if module in TAGS:
             self._tags[(method.lower(), path)] = module
         return str(getattr(func, QUART_SCHEMA_OPERATION_ID_ATTRIBUTE, func.__name__))

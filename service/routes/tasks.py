@@ -92,7 +92,7 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _client(who: Caller) -> str:
+def client_of(who: Caller) -> str:
     """Who the caller is, for the per-client task limit: its key, else its address."""
     return f"key:{who.name}" if who.name else f"addr:{request.remote_addr or '-'}"
 
@@ -105,7 +105,7 @@ async def _submit(
     who = caller()
     # Idempotency-Keys are the client's own: scoped to its API key (none when open). The
     # owner is its key's name ("" when keys are off).
-    return await queue.submit(n, idempotency_key, who.name, _client(who))
+    return await queue.submit(n, idempotency_key, who.name, client_of(who))
 
 
 def _location(task: Task) -> dict[str, str]:
@@ -119,7 +119,7 @@ def _visible(task: Task) -> bool:
     return who.admin or (task.owner or "") == who.name
 
 
-async def _find(queue: TaskQueue, task_id: str) -> Task:
+async def find_task(queue: TaskQueue, task_id: str) -> Task:
     task = await queue.get(task_id) if _TASK_ID.match(task_id) else None
     if task is None or not _visible(task):
         raise APIError(404, f"No task with id {task_id!r} (results are kept for a limited time).")
@@ -145,7 +145,7 @@ async def create_task(data: NewTask) -> tuple[dict[str, Any], int, dict[str, str
 async def get_task(task_id: str) -> dict[str, Any]:
     """A task's status (queued, running, complete, failed), result or error, and timestamps."""
     queue = resources().task_queue
-    task = await _find(queue, task_id)
+    task = await find_task(queue, task_id)
     if task.status in ("queued", "running"):
         await queue.watch(task_id)
     return task.to_json()
@@ -157,7 +157,7 @@ async def abort_task(task_id: str) -> tuple[dict[str, Any], int]:
     """Abort a queued or running task: its computation is stopped and it ends `failed` with
     the error `aborted`. A finished task cannot be aborted (409)."""
     queue = resources().task_queue
-    task = await _find(queue, task_id)
+    task = await find_task(queue, task_id)
     if task.status in ("complete", "failed"):
         raise APIError(409, f"Task {task_id} has already ended ({task.status}).", title="Conflict")
     await queue.abort(task)

@@ -17,6 +17,7 @@ from service.config import ConfigError, Settings, load_settings, parse_api_keys
 from service.errors import PROBLEM_JSON
 from service.ops.keygen import generate_key, key_entry
 from service.pipeline import auth
+from tests.support.windows import fresh_window
 
 HEALTH = {"/healthz", "/readyz"}
 
@@ -45,12 +46,15 @@ def bearer(name: str) -> dict[str, str]:
 
 
 def production(settings: Settings, **changes: Any) -> Settings:
+    """Production, rate limits on; a test that counts against one has all its requests in one
+    window (tests/support/windows.py)."""
     values = settings.model_dump()
     values.update(
         environment="production",
         api_keys=api_keys(),
         docs_enabled=True,
         task_id_secret=TEST_TASK_ID_SECRET,
+        rate_limit_window=fresh_window(),
     )
     values.update(changes)
     return load_settings(**values)

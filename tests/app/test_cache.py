@@ -15,24 +15,42 @@ import redis.asyncio as aioredis
 from service.backends.cache import Cache
 from service.backends.db import SQL_DIR
 from service.config import REPORT_STATEMENTS, ConfigError, load_settings
+from tests.support.waiting import until
 from tools.private_servers import free_port, private_redis
 
 
 class CountingLoader:
-    """A loader that counts its runs and can be made slow or to fail."""
+    """A loader that counts its runs and can be made slow, held until released, or to fail."""
 
-    def __init__(self, value: Any = None, delay: float = 0.0, error: Exception | None = None):
+    def __init__(
+        self,
+        value: Any = None,
+        delay: float = 0.0,
+        error: Exception | None = None,
+        held: bool = False,
+    ):
         self.value = value if value is not None else {"answer": 42}
         self.delay = delay
         self.error = error
         self.runs = 0
+        # Held: each run waits for release(), so a test acts while it is surely running.
+        self.gate = asyncio.Event()
+        if not held:
+            self.gate.set()
 
     async def __call__(self) -> Any:
         self.runs += 1
+        await self.gate.wait()
         await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
         return self.value
+
+    async def running(self) -> bool:
+        return self.runs > 0
+
+    def release(self) -> None:
+        self.gate.set()
 
 
 def make_cache(redis_url: str, prefix: str, **options: Any) -> Cache:
@@ -173,14 +191,15 @@ async def test_a_failing_loader_fails_every_waiter_stores_nothing_and_releases_t
 async def test_a_caller_cancelled_mid_computation_leaves_the_right_value_and_no_lock(
     cache: Cache, redis_cleanup: aioredis.Redis
 ) -> None:
-    loader = CountingLoader({"right": True}, delay=0.3)
+    loader = CountingLoader({"right": True}, held=True)
     caller = asyncio.create_task(cache.get_or_load("cancel", loader))
-    await asyncio.sleep(0.1)  # the loader is running now
+    await until(loader.running, "the loader runs")
     assert await redis_cleanup.exists(cache.key("cancel", 1) + ":lock")
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
     # The flight goes on for the others, then stores the value and releases its lock.
+    loader.release()
     outcome = await cache.get_or_load("cancel", loader)
     assert outcome.value == {"right": True}
     assert loader.runs == 1
@@ -191,9 +210,9 @@ async def test_a_caller_cancelled_mid_computation_leaves_the_right_value_and_no_
 async def test_a_flight_cancelled_at_shutdown_stores_nothing_and_holds_no_lock(
     cache: Cache, redis_cleanup: aioredis.Redis
 ) -> None:
-    loader = CountingLoader(delay=5)
+    loader = CountingLoader(held=True)  # never released: shutdown cancels it
     caller = asyncio.create_task(cache.get_or_load("shutdown", loader))
-    await asyncio.sleep(0.1)
+    await until(loader.running, "the loader runs")
     await cache.aclose()
     with pytest.raises(asyncio.CancelledError):
         await caller

@@ -29,6 +29,12 @@ from tools.private_servers import free_port
 pytestmark = pytest.mark.slow  # each test runs Hypercorn, a worker and the doctor
 
 Rows = dict[str, tuple[str, str]]
+# The watchdog counts a loop as blocked when it has not run for LOOP_BLOCK_THRESHOLD, and on a
+# busy machine a process that waits a tenth of a second (the default) for a CPU looks just so:
+# the doctor then flagged healthy deployments. These run with a second, and the blocking route
+# holds its loop for two.
+CALM = {"loop_block_threshold": 1}
+BLOCK_SECONDS = 2
 
 
 @contextmanager
@@ -43,9 +49,9 @@ def deployment(
     """Hypercorn (and a worker) serving this test's schema and Redis prefix; yields the URL."""
     with ExitStack() as stack:
         if with_worker:
-            stack.enter_context(worker(settings, worker_metrics_port=worker_metrics_port))
+            stack.enter_context(worker(settings, worker_metrics_port=worker_metrics_port, **CALM))
         base_url, _ = stack.enter_context(
-            hypercorn(free_port(), settings_env(settings, **overrides), app=app)
+            hypercorn(free_port(), settings_env(settings, **CALM | overrides), app=app)
         )
         wait_for_all_workers(base_url)
         yield base_url
@@ -108,7 +114,11 @@ async def test_doctor_flags_a_dropped_index(settings: Settings, db: asyncpg.Conn
 
 
 def test_doctor_flags_a_blocking_route(settings: Settings) -> None:
-    with deployment(settings, app="tests.support.blocking_app:create_app()") as base_url:
+    with deployment(
+        settings,
+        app="tests.support.blocking_app:create_app()",
+        blocking_route_seconds=BLOCK_SECONDS,
+    ) as base_url:
         code, rows = doctor(settings, base_url)
         assert (code, rows["event loop"][0]) == (0, "PASS")
         assert httpx.get(f"{base_url}/block", timeout=10).status_code == 200

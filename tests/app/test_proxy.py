@@ -13,6 +13,7 @@ from quart.typing import TestClientProtocol as Client
 from service.app import create_app
 from service.config import ConfigError, Settings, load_settings
 from service.pipeline.proxy import address_reader, forwarded_client, parse_address, trust_proxies
+from tests.support.windows import fresh_window
 
 PROXY = ("10.0.0.7", 43210)  # the load balancer, in TRUSTED_PROXIES
 STRANGER = ("192.0.2.50", 43210)  # a peer that is not
@@ -22,6 +23,7 @@ def behind(settings: Settings, trusted: str = "10.0.0.0/8,::1", **changes: Any) 
     """Development with a per-address read limit of 2, behind the proxies ``trusted``."""
     values = settings.model_dump()
     values.update(rate_limit_enabled=True, rate_limit_read=2, trusted_proxies=trusted)
+    values.update(rate_limit_window=fresh_window())  # the test's requests in one window
     values.update(changes)
     return load_settings(**values)
 

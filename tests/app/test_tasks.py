@@ -128,7 +128,7 @@ async def test_a_timed_out_job_is_ended_and_frees_the_cpu_for_the_next(
         huge = await (await submit(client, HUGE)).get_json()
         small = await (await submit(client, 1000)).get_json()
         failed = await wait_for_status(client, huge["id"], {"complete", "failed"})
-        done = await wait_for_status(client, small["id"], {"complete", "failed"}, within=10)
+        done = await wait_for_status(client, small["id"], {"complete", "failed"}, within=60)
     assert failed["status"] == "failed"
     assert failed["error"].startswith("timed out")
     assert "1 s" in failed["error"]
@@ -160,7 +160,7 @@ async def test_aborting_a_running_task_stops_its_computation(
         assert response.status_code == 202
         aborted = await wait_for_status(client, huge["id"], {"complete", "failed"})
         small = await (await submit(client, 1000)).get_json()
-        done = await wait_for_status(client, small["id"], {"complete", "failed"}, within=10)
+        done = await wait_for_status(client, small["id"], {"complete", "failed"}, within=60)
     assert aborted["status"] == "failed"
     assert aborted["error"] == "aborted"
     assert done["status"] == "complete"
@@ -180,9 +180,12 @@ async def test_aborting_a_queued_task_fails_it_at_once_and_frees_its_place(
     assert body["status"] == "failed"
     assert body["error"] == "aborted"
     assert await redis_cleanup.zcard(queue.queue_name(settings)) == 0
-    # A worker started later does not run it.
+    # A worker started later does not run it: once a task queued after it is done, the
+    # worker has read the queue past where it was.
     with worker(settings):
-        await asyncio.sleep(0.3)
+        later = await (await submit(client, 1000)).get_json()
+        done = await wait_for_status(client, later["id"], {"complete", "failed"}, within=60)
+    assert done["status"] == "complete"
     after = await (await client.get(f"/tasks/{task['id']}")).get_json()
     assert after["status"] == "failed"
     assert after["result"] is None
@@ -256,7 +259,7 @@ async def test_the_worker_loop_stays_free_while_a_job_computes(
         huge = await (await submit(client, HUGE)).get_json()
         await wait_for_status(client, huge["id"], {"running"})
         small = await (await submit(client, 1000)).get_json()
-        done = await wait_for_status(client, small["id"], {"complete"}, within=10)
+        done = await wait_for_status(client, small["id"], {"complete"}, within=60)
         assert done["status"] == "complete"
         await client.delete(f"/tasks/{huge['id']}")
 

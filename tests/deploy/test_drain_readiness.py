@@ -16,6 +16,7 @@ from quart.typing import TestClientProtocol as Client
 
 from service.config import Settings
 from tests.app.test_tasks import exact, submit, wait_for_status
+from tests.support.waiting import until
 from tests.support.worker_procs import settings_env, start_worker, stop, wait_for_health
 from tools import ROOT
 from tools.hypercorn_process import hypercorn
@@ -43,7 +44,12 @@ async def test_readyz_answers_503_once_the_drain_has_begun(
             while not await redis_cleanup.get(counter):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
             probe = asyncio.create_task(http.get("/readyz"))
-            await asyncio.sleep(0.3)
+
+            async def probe_arrived() -> bool:
+                # The first probe was `before`; the second is now waiting for the connection.
+                return bool(await redis_cleanup.get(f"{settings.redis_prefix}probes") == b"2")
+
+            await until(probe_arrived, "the probe reached the app")
             process.send_signal(signal.SIGTERM)
             held_answer, probe_answer = await asyncio.gather(held, probe)
             exit_code = await asyncio.to_thread(process.wait, 30)

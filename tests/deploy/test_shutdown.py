@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.config import Settings
+from tests.support.waiting import until
 from tests.support.worker_procs import settings_env
 from tools import ROOT
 from tools.hypercorn_process import hypercorn
@@ -41,6 +42,12 @@ def _new_connection_outcome(port: int) -> str:
     except httpx.TimeoutException:
         return "hung"
     return f"served {response.status_code}"
+
+
+async def _unless_served(port: int) -> str | None:
+    """A new client's outcome once it is no longer served (the shutdown has been seen)."""
+    outcome = await asyncio.to_thread(_new_connection_outcome, port)
+    return None if outcome.startswith("served") else outcome
 
 
 @pytest.mark.parametrize(
@@ -75,8 +82,8 @@ async def test_sigterm_under_load_completes_in_flight_requests(
                 os.killpg(process.pid, signal.SIGTERM)
             # Once the workers have seen the shutdown (they poll every 0.1 s), new clients
             # must not hang: connection refused, or reset before any byte of an answer.
-            await asyncio.sleep(0.5)
-            late = await asyncio.gather(
+            seen = await until(lambda: _unless_served(port), "a new client no longer served")
+            late = [seen] + await asyncio.gather(
                 *(asyncio.to_thread(_new_connection_outcome, port) for _ in range(5))
             )
             answers = await asyncio.gather(*requests, return_exceptions=True)

@@ -10,6 +10,7 @@ import json
 import httpx
 
 from service.config import Settings
+from tests.support.windows import fresh_window
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import free_port
 
@@ -23,6 +24,7 @@ def test_a_trusted_proxy_forwards_the_client_and_a_direct_peer_cannot(settings: 
         "RATE_LIMIT_ENABLED": "true",
         "RATE_LIMIT_READ": "2",
         "RATE_LIMIT_PROCESSES": "1",
+        "RATE_LIMIT_WINDOW": str(fresh_window()),  # the test's requests in one window
     }
     args = ("--workers", "1", "--access-logfile", "-")
     with hypercorn(free_port(), env, *args) as (base_url, process):

@@ -9,7 +9,6 @@ address for requests without a key, and a flood of readiness probes gets no 503.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import httpx
@@ -17,21 +16,13 @@ import httpx
 from service.config import Settings
 from tests.app.test_auth import bearer
 from tests.e2e.test_auth import production_env
+from tests.support.windows import fresh_window
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import free_port
 
 CONNECTIONS = 400
 LIMIT = 300
 PER_CONNECTION = 3  # 1,200 requests: four times the limit
-# Windows are aligned on the clock: a day-long one, so that a flood never spans two.
-WINDOW = 86_400
-
-
-def within_one_window() -> None:
-    """Wait out the end of the current window when it is less than two minutes away."""
-    left = WINDOW - time.time() % WINDOW
-    if left < 120:
-        time.sleep(left + 0.5)
 
 
 async def _client(host: str, port: int, request: bytes, count: int, statuses: Counter[int]) -> None:
@@ -85,8 +76,10 @@ async def flood(
 
 
 async def test_a_flood_from_one_key_is_served_exactly_up_to_the_limit(settings: Settings) -> None:
-    env = production_env(settings, RATE_LIMIT_READ=str(LIMIT), RATE_LIMIT_WINDOW=str(WINDOW))
-    within_one_window()
+    # A window the flood falls in whole (tests/support/windows.py).
+    env = production_env(
+        settings, RATE_LIMIT_READ=str(LIMIT), RATE_LIMIT_WINDOW=str(fresh_window())
+    )
     with hypercorn(free_port(), env, "--workers", "2") as (base_url, server):
         statuses = await flood(base_url, "/no-such-route", bearer("reader"))
         log = output(server)
@@ -105,9 +98,8 @@ async def test_a_flood_without_a_key_is_limited_per_address(settings: Settings) 
         "REDIS_PREFIX": settings.redis_prefix,
         "RATE_LIMIT_ENABLED": "true",
         "RATE_LIMIT_READ": str(LIMIT),
-        "RATE_LIMIT_WINDOW": str(WINDOW),
+        "RATE_LIMIT_WINDOW": str(fresh_window()),
     }
-    within_one_window()
     with hypercorn(free_port(), env, "--workers", "2") as (base_url, server):
         statuses = await flood(base_url, "/no-such-route")
         log = output(server)

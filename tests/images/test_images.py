@@ -326,18 +326,27 @@ async def test_engine_stop_under_load_drops_no_request_in_flight(
             await stop
             stopped_after = time.monotonic() - started
         state = json.loads(podman("inspect", "--format", "{{json .State}}", api))
+    # Answered in full: the result (200), or, where TASK_WAIT (30 s, inside the 35 s drain)
+    # ran out first on a busy machine, the task's Location (202), as the route promises.
+    # Dropped: a reset, a timeout, or any other answer.
     answered = [a for a in answers if isinstance(a, httpx.Response) and a.status_code == 200]
-    dropped = len(answers) - len(answered)
+    waited_out = [
+        a
+        for a in answers
+        if isinstance(a, httpx.Response) and a.status_code == 202 and "location" in a.headers
+    ]
+    dropped = [a for a in answers if a not in answered and a not in waited_out]
     print(
-        f"\n[podman stop under load] in flight: {in_flight}; answered 200: {len(answered)}; "
-        f"dropped: {dropped} {Counter(_outcome(a) for a in answers if a not in answered)}; "
+        f"\n[podman stop under load] in flight: {in_flight}; answered 200: {len(answered)}, "
+        f"202 with the task's Location: {len(waited_out)}; dropped: {len(dropped)} "
+        f"{Counter(_outcome(a) for a in dropped)}; "
         f"new connections after the stop: {dict(Counter(late))}; "
         f"stopped after {stopped_after:.1f} s, exit code {state['ExitCode']}"
     )
-    assert [a for a in answers if a not in answered] == []
-    assert sorted(a.json()["result"] for a in answered) == sorted(
-        sum(i * i for i in range(n)) for n in sizes
-    )
-    assert state["ExitCode"] == 0  # drained and exited, not killed at the timeout
-    assert stopped_after < GRACEFUL_TIMEOUT + 5
+    assert dropped == []
+    expected = {n: sum(i * i for i in range(n)) for n in sizes}
+    for answer in answered:
+        assert answer.json()["result"] == expected[int(answer.request.url.params["n"])]
+    # Drained and exited by itself, before podman's --time ran out and it would have killed it.
+    assert state["ExitCode"] == 0
     assert "hung" not in late

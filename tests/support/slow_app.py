@@ -17,6 +17,13 @@ from service.framework.resources import connection, resources
 def create_app() -> Quart:
     app = create_service_app()
 
+    @app.before_request
+    async def count_readiness_probes() -> None:
+        # Counted in Redis so a test knows a probe has reached the app before it signals.
+        if request.path == "/readyz":
+            held = resources()
+            await held.redis.incr(f"{held.settings.redis_prefix}probes")
+
     @app.get("/_test/slow")
     async def slow() -> dict[str, object]:
         seconds = float(request.args.get("s", "1"))
