@@ -37,6 +37,7 @@ from service.backends.taskqueue import JOB_EXPIRY_MS, TaskQueue
 from service.config import Settings, load_settings
 from service.emails import key_of
 from service.framework import h2c
+from tests.support.waiting import until
 from tools.private_servers import free_port
 from workers.worker import ServiceWorker
 
@@ -454,16 +455,17 @@ async def _hypercorn_serving(app: Quart) -> AsyncIterator[int]:
     config.bind = [f"127.0.0.1:{port}"]
     stop = asyncio.Event()
     serving = asyncio.create_task(hypercorn_serve(app, config, shutdown_trigger=stop.wait))
+
+    async def accepts() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
     try:
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                else:
-                    writer.close()
-                    break
+        await until(accepts, "Hypercorn accepting connections", within=10)
         yield port
     finally:
         stop.set()
