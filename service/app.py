@@ -9,10 +9,10 @@ from quart import Quart
 from service import framework, pipeline
 from service.config import ConfigError, Settings, load_settings
 from service.errors import register_error_handlers
-from service.framework import drain, h2c
+from service.framework import drain
 from service.framework import resources as app_resources
 from service.framework.lifespan import refuse_bad_settings
-from service.obs.logs import capture_warnings, configure_logging
+from service.obs.logs import configure_logging
 from service.obs.watchers import Watchers
 from service.routes import docs
 from service.routes.health import blueprint as health_blueprint
@@ -35,8 +35,6 @@ def create_app(settings: Settings | None = None) -> Quart:
         # Hypercorn applies hypercorn.toml's logging only once the app is loaded and started;
         # until then lines logged here would come out bare, not as JSON.
         configure_logging()
-    # Under Hypercorn too, whose logconfig_dict (hypercorn.toml) sets the handlers up later.
-    capture_warnings()
     if settings is None:
         try:
             settings = load_settings()
@@ -60,8 +58,6 @@ def create_app(settings: Settings | None = None) -> Quart:
     pipeline.install(app, held)
     # On SIGTERM a Hypercorn worker finishes its requests, and /readyz says it is draining.
     drain.install(app)
-    # Cleartext connections stay HTTP/1.1 unless HTTP2_CLEARTEXT (service/framework/h2c.py).
-    h2c.install(app, held.settings.http2_cleartext)
     # The loop watch, the pool gauges, the process's metrics and tracer: per process.
     watchers = Watchers(held, held.settings.loop_block_threshold)
     app.before_serving(watchers.start)

@@ -215,9 +215,6 @@ class Settings(BaseSettings):
     # Request target plus header names and values, in bytes; larger gets 431. hypercorn.toml
     # sets the same for its own buffers.
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
-    # HTTP/2 without TLS (h2c, by prior knowledge or `Upgrade: h2c`). Off: Hypercorn's h2c has
-    # faults any client reaches without a key (service/framework/h2c.py, docs/security.md).
-    http2_cleartext: bool = False
     readiness_timeout: float = Field(default=1.0, gt=0)
     # Concurrent /readyz probes in one process share one check, and its result for this long.
     readiness_cache: float = Field(default=1.0, ge=0)
@@ -239,9 +236,6 @@ class Settings(BaseSettings):
     # A computation running longer is ended (its child process killed) and the task fails.
     task_timeout: float = Field(default=120.0, gt=0)
     task_result_ttl: int = Field(default=24 * 3600, ge=60)
-    # Finished tasks one client keeps (newest first); older ones are forgotten before their
-    # TTL, so one key cannot fill Redis (service/backends/retention.py).
-    task_results_kept: int = Field(default=1000, ge=1)
     task_max_tries: int = Field(default=3, ge=1)
     # A running job is leased to its worker for this long and renewed while it runs; a job
     # whose worker died runs again elsewhere one lease after the last renewal.

@@ -31,7 +31,6 @@ from service.backends.errors import (
     TaskRefused,
 )
 from service.backends.redis import relay
-from service.backends.retention import Retention
 from service.config import Settings
 from service.obs import tracing
 from service.obs.metrics import TASKS_ACCEPTED, TASKS_REFUSED
@@ -202,7 +201,6 @@ class TaskQueue:
         self._enqueue = redis.register_script(_ENQUEUE)
         self._abort_queued = redis.register_script(_ABORT_QUEUED)
         self._abort_running = redis.register_script(_ABORT_RUNNING)
-        self._retention = Retention(redis, settings)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -286,8 +284,6 @@ class TaskQueue:
             raise QueueFull(self.settings.task_retry_after, self.settings.task_queue_limit)
         if outcome == -2:
             raise ClientLimit(self.settings.task_retry_after, self.settings.task_client_limit)
-        if outcome == 1:
-            await self._keep(client, job_id, now_ms)
         try:
             task = await self.get(job_id)
         except (RedisError, OSError) as error:
@@ -324,21 +320,6 @@ class TaskQueue:
             finished_at=None,
             owner=owner,
         )
-
-    async def _keep(self, client: str, job_id: str, now_ms: int) -> None:
-        """Note the new task as the client's, forgetting its oldest finished ones past
-        ``TASK_RESULTS_KEPT`` (backends/retention.py). The task is accepted either way."""
-        try:
-            await self._retention.keep(
-                client,
-                job_id,
-                now_ms,
-                JOB_EXPIRY_MS + self.settings.task_result_ttl * 1000,
-                self.owner_key(""),
-                self.watched_key(""),
-            )
-        except (RedisError, OSError) as error:
-            log.warning("tasks kept per client not trimmed: %s", type(error).__name__)
 
     # -- reading --------------------------------------------------------------------------
 

@@ -8,8 +8,6 @@ Hypercorn's start and stop reach it, and where a handler finds the app's resourc
   so meanwhile: :func:`~service.framework.drain.draining`).
 - resources.py: the app's resources on the app; a handler's ``resources()`` and
   ``connection()``.
-- h2c.py: cleartext connections stay HTTP/1.1 (Hypercorn's h2c switch replaced while the app
-  serves) unless ``HTTP2_CLEARTEXT`` is set.
 """
 
 from __future__ import annotations

@@ -315,14 +315,6 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
     }
 
 
-def capture_warnings() -> None:
-    """Python's warnings as log records (logger ``py.warnings``, level WARNING), so that they
-    come out as log lines in the format of every other (JSON, or ``LOG_FORMAT``'s text), not
-    as bare text on stderr."""
-    logging.captureWarnings(True)
-
-
 def configure_logging(level: str = "INFO") -> None:
     """Logging for a process that is not started by Hypercorn (the worker, commands)."""
     logging.config.dictConfig(logging_config(level))
-    capture_warnings()

@@ -23,9 +23,8 @@ the pipeline awaits what a step returns only when it is awaitable, so the steps 
 wait cost a call, not a coroutine, on every request.
 
 :data:`WRAPPERS`, beside the steps, are what wraps the whole ASGI app: they see each request's
-scope before Quart builds a request from it (a WebSocket handshake turned into the HTTP request
-it is, the header limit, the client's address behind trusted proxies), so they run before
-every step, outermost first.
+scope before Quart builds a request from it (the header limit, the client's address behind
+trusted proxies), so they run before every step, outermost first.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ from service.pipeline import (
     activity,
     auth,
     body,
-    framing,
     header_limit,
     headers,
     paths,
@@ -57,7 +55,6 @@ from service.pipeline import (
     request_id,
     spans,
     timing,
-    websocket,
 )
 from service.pipeline.state import RequestState, Setup, begin_request, request_state
 
@@ -154,15 +151,8 @@ def _trust_proxies(app: ASGIApp, settings: Settings) -> ASGIApp:
     return proxy.trust_proxies(app, settings.trusted_proxies)
 
 
-def _handshakes_as_http(app: ASGIApp, settings: Settings) -> ASGIApp:
-    return websocket.handshakes_as_http(app)
-
-
 WRAPPERS: tuple[Wrapper, ...] = (
-    # Outermost of all: a WebSocket handshake meets every wrapper and step below as the HTTP
-    # GET it is (pipeline/websocket.py), and is answered over HTTP, never switched.
-    Wrapper("WebSocket handshakes as HTTP", _handshakes_as_http),
-    # An oversized head is refused before Quart builds a request from it.
+    # Outermost: an oversized head is refused before Quart builds a request from it.
     Wrapper("header limit", _limit_headers),
     # The client's address behind TRUSTED_PROXIES, in the scope before Quart reads it.
     Wrapper("client address behind trusted proxies", _trust_proxies, when=_behind_proxies),
@@ -174,16 +164,12 @@ STEPS: tuple[Step, ...] = (
     Before("trace span", spans.start_span, when=_tracing),
     # Before anything that may log: every line logged from here on carries the request's id.
     Before("request id", request_id.assign),
-    # Framed two ways (or HTTP/2's preface): 400 and the connection closed, whatever the key.
-    Before("unambiguous framing", framing.refuse_ambiguous),
     # Werkzeug would match `//users/1` as `/users/1`: refused first, whatever the key.
     Before("no leading //", paths.refuse_leading_double_slash),
     Before("key and scope", auth.identify),
     # Counted before the key is judged, so a flood of bad keys is limited too.
     Before("rate limit", ratelimit.count, when=_rate_limited),
     Before("key verdict", auth.judge, when=_keys_configured),
-    # A WebSocket handshake has passed the key and the limits as a GET (pipeline/websocket.py).
-    Before("no WebSocket", websocket.refuse_handshake),
     Before("body checks", body.check),
     Before("loop-watch activity", activity.mark_activity),
     Before("profiling", profiling.start_profile, when=_profiling),

@@ -19,7 +19,7 @@ from quart import Quart
 from quart_schema.openapi import QUART_SCHEMA_OPERATION_ID_ATTRIBUTE, OpenAPIProvider
 
 from service.contract import BODY_METHODS, PROBE_PATHS
-from service.errors import MAX_ERRORS_LISTED, PROBLEM_JSON
+from service.errors import PROBLEM_JSON
 from service.framework.resources import resources
 
 
@@ -69,8 +69,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "request_id": {"type": "string", "description": "Quote it when reporting the error."},
         "errors": {
             "type": "array",
-            "description": "What was wrong, for validation errors: the first few.",
-            "maxItems": MAX_ERRORS_LISTED,
+            "description": "What was wrong, for validation errors.",
             "items": {
                 "type": "object",
                 "required": ["loc", "msg", "type"],
@@ -80,11 +79,6 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                     "type": {"type": "string"},
                 },
             },
-        },
-        "errors_omitted": {
-            "type": "integer",
-            "minimum": 1,
-            "description": "How many more errors there were than `errors` lists.",
         },
     },
 }

@@ -1,6 +1,6 @@
-"""The private parts of arq, quart-schema, aiosql and Hypercorn the code relies on, held to what
-those libraries do (docs/dependencies.md, "Private parts of libraries we rely on", lists these
-and the others).
+"""The private parts of arq, quart-schema and aiosql the code relies on, held to what those
+libraries do (docs/dependencies.md, "Private parts of libraries we rely on", lists these and
+the others).
 
 pyproject.toml bounds each; these tests run the library itself (none reads its source) and fail
 when a version inside (or past) the bounds no longer behaves as the code assumes.
@@ -23,10 +23,7 @@ import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus, deserialize_job, deserialize_result, serialize_result
 from arq.worker import Worker, func
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.protocol.h11 import H11Protocol as HypercornH11Protocol
-from quart import Quart, request
+from quart import Quart
 from quart_schema import QuartSchema
 
 from service.app import create_app
@@ -36,9 +33,6 @@ from service.backends.redis import redis_pool
 from service.backends.taskqueue import JOB_EXPIRY_MS, TaskQueue
 from service.config import Settings, load_settings
 from service.emails import key_of
-from service.framework import h2c
-from tests.support.waiting import until
-from tools.private_servers import free_port
 from workers.worker import ServiceWorker
 
 # arq's keys carry no prefix of ours: each test removes the ones it made.
@@ -441,78 +435,3 @@ async def test_the_connection_adapter_answers_every_users_query_as_aiosqls_own(
     assert await ours.delete_user(db, id=first) == first
     assert await theirs.delete_user(db, id=second) == second
     assert await ours.get_user_by_id(db, id=first) is None
-
-
-# An empty SETTINGS frame: what follows HTTP/2's preface.
-_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
-@contextlib.asynccontextmanager
-async def _hypercorn_serving(app: Quart) -> AsyncIterator[int]:
-    """Hypercorn itself serving ``app`` in this event loop (no process), on a free port."""
-    config = HypercornConfig()
-    port = free_port()
-    config.bind = [f"127.0.0.1:{port}"]
-    stop = asyncio.Event()
-    serving = asyncio.create_task(hypercorn_serve(app, config, shutdown_trigger=stop.wait))
-
-    async def accepts() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        return True
-
-    try:
-        await until(accepts, "Hypercorn accepting connections", within=10)
-        yield port
-    finally:
-        stop.set()
-        await serving
-
-
-async def _first_bytes(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        async with asyncio.timeout(5):
-            return await reader.read(65536)
-    finally:
-        writer.close()
-
-
-async def test_hypercorn_switches_to_h2c_only_in_the_method_the_service_replaces() -> None:
-    """service/framework/h2c.py keeps cleartext connections HTTP/1.1 by replacing Hypercorn's
-    ``H11Protocol._check_protocol`` while the app serves. With Hypercorn's own method an
-    ``Upgrade: h2c`` is answered 101 and HTTP/2's preface is answered with HTTP/2 frames; with
-    it replaced, both are answered in HTTP/1.1 by the app, the preface as a request ``PRI *``
-    of version ``2.0`` (which service/pipeline/framing.py refuses). A release that switches
-    anywhere else fails here."""
-    upgrade = b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n\r\n"
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _EMPTY_SETTINGS
-    own = getattr(HypercornH11Protocol, h2c.HOOK)
-    for cleartext in (True, False):
-        seen: list[tuple[str, str, str]] = []
-        app = Quart(__name__)
-        h2c.install(app, cleartext)
-
-        @app.before_request
-        async def answer(seen: list[tuple[str, str, str]] = seen) -> str:
-            # The target as Hypercorn gave it (Werkzeug's request.path would read "/*").
-            seen.append((request.method, request.scope["path"], request.http_version))
-            return "served"
-
-        async with _hypercorn_serving(app) as port:
-            upgraded = await _first_bytes(port, upgrade)
-            prefaced = await _first_bytes(port, preface)
-        if cleartext:
-            assert upgraded.startswith(b"HTTP/1.1 101 "), upgraded
-            assert prefaced[3:4] == b"\x04", prefaced  # Hypercorn's own SETTINGS frame
-            assert seen == [("GET", "/", "2")]  # the upgraded GET, served over HTTP/2
-        else:
-            assert upgraded.startswith(b"HTTP/1.1 200 "), upgraded
-            assert prefaced.startswith(b"HTTP/1.1 200 "), prefaced
-            assert seen == [("GET", "/", "1.1"), ("PRI", "*", "2.0")]
-        # Hypercorn's own method is back once the app stops serving.
-        assert getattr(HypercornH11Protocol, h2c.HOOK) is own

@@ -1,6 +1,5 @@
 """The documented header limit (MAX_HEADER_BYTES, 16 KiB) is what Hypercorn and the app enforce,
-over HTTP/1.1 and HTTP/2 (prior knowledge, as a proxy speaking h2c would, with
-``HTTP2_CLEARTEXT`` on)."""
+over HTTP/1.1 and HTTP/2 (prior knowledge, as a proxy speaking h2c would)."""
 
 from __future__ import annotations
 
@@ -17,12 +16,11 @@ from tools.private_servers import free_port
 LIMIT = 16 * 1024
 
 
-def env_of(settings: Settings, http2: bool = False) -> dict[str, str]:
+def env_of(settings: Settings) -> dict[str, str]:
     return {
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
         "REDIS_PREFIX": settings.redis_prefix,
-        "HTTP2_CLEARTEXT": str(http2).lower(),
     }
 
 
@@ -31,7 +29,7 @@ async def test_a_header_over_the_limit_is_refused_and_one_under_passes(
     settings: Settings, version: str
 ) -> None:
     http2 = version == "HTTP/2"
-    with hypercorn(free_port(), env_of(settings, http2), "--workers", "0") as (base_url, _):
+    with hypercorn(free_port(), env_of(settings), "--workers", "0") as (base_url, _):
         async with httpx.AsyncClient(
             base_url=base_url, http1=not http2, http2=http2, timeout=10
         ) as client:

@@ -1,8 +1,7 @@
 """A path that begins with ``//`` over the wire: Hypercorn with hypercorn.toml and API keys,
-HTTP/1.1 and HTTP/2 (prior knowledge, with ``HTTP2_CLEARTEXT`` on: the app's answers are those
-of HTTP/2 over TLS), the path sent as written (``curl --path-as-is``). Every method gets a 404
-problem, whatever the key, and nothing behind the path is reached; the same path with one
-slash is still served, and still guarded."""
+HTTP/1.1 and HTTP/2 (prior knowledge), the path sent as written (``curl --path-as-is``). Every
+method gets a 404 problem, whatever the key, and nothing behind the path is reached; the same
+path with one slash is still served, and still guarded."""
 
 from __future__ import annotations
 
@@ -40,12 +39,8 @@ def send(client: httpx.Client, method: str, url: str, headers: dict[str, str]) -
 def test_a_leading_double_slash_is_a_404_on_every_method_over_the_wire(
     settings: Settings, version: str
 ) -> None:
+    env = settings_env(settings, api_keys=",".join(key_entry(n, KEYS[n], SCOPES[n]) for n in KEYS))
     http2 = version == "HTTP/2"
-    env = settings_env(
-        settings,
-        api_keys=",".join(key_entry(n, KEYS[n], SCOPES[n]) for n in KEYS),
-        http2_cleartext=http2,
-    )
     with (
         hypercorn(free_port(), env, "--workers", "0") as (base_url, _),
         httpx.Client(http1=not http2, http2=http2, timeout=10) as client,
@@ -74,13 +69,8 @@ def test_a_leading_double_slash_is_a_404_on_every_method_over_the_wire(
 
 def test_refusals_of_a_body_over_http2_leave_the_connection_serving(settings: Settings) -> None:
     """Every refusal reads the body first over HTTP/2 (service/errors.py): before, the next
-    request on the connection met `Server disconnected` (pgjones/hypercorn#329). HTTP/2 by
-    prior knowledge, with ``HTTP2_CLEARTEXT`` on (over TLS the same code answers)."""
-    env = settings_env(
-        settings,
-        api_keys=",".join(key_entry(n, KEYS[n], SCOPES[n]) for n in KEYS),
-        http2_cleartext=True,
-    )
+    request on the connection met `Server disconnected` (pgjones/hypercorn#329)."""
+    env = settings_env(settings, api_keys=",".join(key_entry(n, KEYS[n], SCOPES[n]) for n in KEYS))
     admin = auth("admin")
     with (
         hypercorn(free_port(), env, "--workers", "0") as (base_url, _),

@@ -16,8 +16,6 @@ from service.config import Settings
 from service.ops.doctor import parse_metrics
 from tests.app.test_doctor import wait_for_all_workers
 from tests.app.test_observe import value
-from tests.support import warning_app
-from tests.support.waiting import wait_until
 from tests.support.worker_procs import settings_env, worker
 from tools.hypercorn_process import hypercorn, output
 from tools.private_servers import free_port
@@ -149,15 +147,3 @@ async def test_the_worker_serves_its_own_metrics(settings: Settings, client: Cli
     assert value(samples, "quart_service_process_resident_memory_bytes", pid=pid) > 10e6
     # The unprefixed defaults (process_*, python_gc_*) are gone: every name has the prefix.
     assert all(name.startswith("quart_service_") for name in samples)
-
-
-def test_python_warnings_are_json_log_lines_under_hypercorn(settings: Settings, port: int) -> None:
-    env = {**settings_env(settings), "PYTHONUNBUFFERED": "1"}
-    with hypercorn(port, env, app="tests.support.warning_app:create_app()") as (base_url, process):
-        assert httpx.get(f"{base_url}/_test/warn", timeout=10).status_code == 200
-        wait_until(lambda: warning_app.MESSAGE in output(process), "the warning's line", 10)
-    printed = output(process)
-    entries = json_lines(printed)  # every line is JSON, the warning's too
-    (warned,) = [e for e in entries if warning_app.MESSAGE in e["message"]]
-    assert (warned["logger"], warned["level"]) == ("py.warnings", "WARNING")
-    assert "UserWarning" in warned["message"]
